@@ -1,0 +1,69 @@
+"""Register hf_svdq with transformers without anyone importing hf_svdq.
+
+The installed ``hf_svdq_autoload.pth`` calls :func:`install` at interpreter start. It adds a
+meta-path finder that waits for ``transformers.quantizers.auto`` to be imported and then registers
+hf_svdq, so ``AutoModelForCausalLM.from_pretrained(<hf_svdq checkpoint>)`` just works. It imports
+neither torch nor transformers itself. Opt out with ``HF_SVDQ_NO_AUTOLOAD=1``.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+import warnings
+from types import ModuleType
+
+TARGET = "transformers.quantizers.auto"
+OPT_OUT_ENV = "HF_SVDQ_NO_AUTOLOAD"
+
+
+def _register(module: ModuleType) -> None:
+    try:
+        from hf_svdq.registration import register
+
+        register(module)
+    except Exception as err:  # never break `import transformers` because of us
+        warnings.warn(f"hf_svdq could not register with transformers: {err!r}", RuntimeWarning, stacklevel=2)
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        _register(module)
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname: str, path: object = None, target: object = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname != TARGET:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _RegisteringLoader(spec.loader)
+                return spec
+        return None
+
+
+def enabled() -> bool:
+    return os.environ.get(OPT_OUT_ENV, "").strip().lower() in ("", "0", "false", "no")
+
+
+def install() -> None:
+    """Install the hook (once); register right away if transformers' quantizers are already loaded."""
+    if not enabled():
+        return
+    if TARGET in sys.modules:
+        _register(sys.modules[TARGET])
+        return
+    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())

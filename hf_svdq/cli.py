@@ -1,0 +1,132 @@
+"""``hf-svdq`` command line: compress, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .real_model import SMOLLM2_ALIAS
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _parse_rank_map(text: str) -> dict[str, int]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--rank-map is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('--rank-map must be a JSON object like {"*.q_proj": 64}')
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-svdq", description="Low-rank INT8 compression for transformers models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    compress = sub.add_parser("compress", help="compress a model and save a reloadable checkpoint")
+    compress.add_argument("model", help=f"local folder or Hub id; {SMOLLM2_ALIAS} = bundled SmolLM2-135M-Instruct")
+    compress.add_argument("outdir", type=Path)
+    ranks = compress.add_mutually_exclusive_group(required=True)
+    ranks.add_argument("--rank", type=int, help="one rank for every compressed layer")
+    ranks.add_argument("--rank-map", type=_parse_rank_map, help='JSON {pattern: rank}, e.g. {"*.self_attn.*": 96}')
+    compress.add_argument("--skip", nargs="*", default=[], metavar="PATTERN", help="module patterns kept dense")
+    compress.add_argument("--dtype", choices=_DTYPES, default="auto", help="load (and compute) dtype")
+    compress.add_argument("--prompt", help="generate from this prompt with the compressed model afterwards")
+    compress.add_argument("--max-new-tokens", type=int, default=40)
+    compress.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    inspect = sub.add_parser("inspect", help="per-layer table of a saved checkpoint")
+    inspect.add_argument("checkpoint", help="checkpoint folder or Hub id")
+    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("--summary", action="store_true", help="summary lines only")
+    return parser
+
+
+def _torch_dtype(name: str) -> object:
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def _local_folder(model: str) -> Path:
+    path = Path(model)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.md"]))
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .config import SVDQuantConfig
+    from .real_model import resolve_model_id
+    from .report import checkpoint_report, format_report
+
+    config = SVDQuantConfig(rank=args.rank if args.rank is not None else args.rank_map, skip=args.skip)
+    source = resolve_model_id(args.model)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=config, dtype=_torch_dtype(args.dtype))
+    seconds = time.perf_counter() - start
+    model.save_pretrained(args.outdir)
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer.save_pretrained(args.outdir)
+    except (OSError, ValueError) as err:
+        print(f"note: no tokenizer saved ({err})", file=sys.stderr)
+    report = checkpoint_report(args.outdir)
+    if args.json:
+        print(json.dumps({"load_and_compress_seconds": seconds, **report.to_dict()}, indent=2))
+    else:
+        print(format_report(report, per_layer=False))
+        print(f"load + compress: {seconds:.1f} s; saved to {args.outdir}")
+    if args.prompt:
+        if tokenizer is None:
+            print("error: --prompt needs a tokenizer", file=sys.stderr)
+            return 2
+        print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens))
+    return 0
+
+
+def generate_text(model: object, tokenizer: object, prompt: str, max_new_tokens: int) -> str:
+    """Greedy continuation of ``prompt`` (through the chat template when the tokenizer has one)."""
+    if getattr(tokenizer, "chat_template", None):
+        inputs = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    else:
+        inputs = tokenizer(prompt, return_tensors="pt")  # type: ignore[operator]
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)  # type: ignore[attr-defined]
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)  # type: ignore[attr-defined]
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .report import checkpoint_report, format_report
+
+    report = checkpoint_report(_local_folder(args.checkpoint))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_report(report, per_layer=not args.summary))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"compress": cmd_compress, "inspect": cmd_inspect}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"hf-svdq {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The hf_svdq on-disk format: one named contract for tensor names, versions and metadata.
+
+A compressed ``Linear`` (or GPT-2 ``Conv1D``) called ``<m>`` with output size ``out``, input size
+``in`` and rank ``r`` is stored as four tensors (plus its ``<m>.bias`` when it has one):
+
+=========================  =============  ==========  =========================================
+name                       shape          dtype       meaning
+=========================  =============  ==========  =========================================
+``<m>.weight``             ``[out, r]``   int8        left factor ``U sqrt(S)``, per-row symmetric
+``<m>.weight_scale``       ``[out]``      float       one scale per row of the left factor
+``<m>.weight_vh``          ``[r, in]``    int8        right factor ``sqrt(S) Vh``, per-row symmetric
+``<m>.weight_vh_scale``    ``[r]``        float       one scale per row of the right factor
+=========================  =============  ==========  =========================================
+
+The dense weight is ``(weight * weight_scale[:, None]) @ (weight_vh * weight_vh_scale[:, None])``,
+in ``nn.Linear`` layout ``[out, in]`` also for ``Conv1D`` sources.
+
+The left factor is deliberately stored under the dense name ``weight``: its shape ``[out, r]``
+never equals the dense ``[out, in]`` (a layer is only compressed when ``r < in``), so a
+transformers install that does not know hf_svdq fails with a size-mismatch error instead of
+loading random weights. Float scales are stored in the dtype the model was compressed in.
+"""
+
+from __future__ import annotations
+
+QUANT_METHOD = "svdq"
+"""``quant_method`` written into ``config.json``."""
+
+FORMAT_VERSION = 1
+"""Version of this layout; a checkpoint with a newer version is refused, never guessed at."""
+
+LEFT = "weight"
+LEFT_SCALE = "weight_scale"
+RIGHT = "weight_vh"
+RIGHT_SCALE = "weight_vh_scale"
+BIAS = "bias"
+
+FACTOR_NAMES: tuple[str, ...] = (LEFT, LEFT_SCALE, RIGHT, RIGHT_SCALE)
+"""Parameter names of a compressed module, in the order they are written."""
+
+METADATA_FORMAT_KEY = "hf_svdq_format_version"
+"""Key in the safetensors header metadata carrying :data:`FORMAT_VERSION`."""
+
+INT8_MAX = 127
+"""Symmetric INT8 range is ``[-127, 127]``; ``-128`` is never produced."""

@@ -1,0 +1,179 @@
+"""``SVDQuantizer``: the transformers ``HfQuantizer`` lifecycle for hf_svdq.
+
+This is the only module that touches transformers' quantizer hooks. Lifecycle:
+
+1. ``_process_model_before_weight_loading`` (meta model): resolve the plan (or read the resolved one
+   from a saved config) and swap each chosen layer for an :class:`SVDQLinear` on the meta device.
+2. Quantize-on-load: ``param_needs_quantization`` routes each dense ``<layer>.weight`` to
+   :class:`SVDQuantizeOp`, which factorizes it (float32 SVD), fills the module in place and drops the
+   dense tensor. A saved checkpoint needs no op: its tensors match the module's parameters.
+3. ``_process_model_after_weight_loading``: check that every compressed layer was filled.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers.base import HfQuantizer
+
+from . import format as fmt
+from .config import SVDQuantConfig
+from .linalg import low_rank_int8
+from .modules import SVDQLinear, dense_weight_of
+from .plan import (
+    find_linear_layers,
+    log_plan,
+    plan_from_resolved,
+    protected_layers,
+    recorded_dense,
+    recorded_ranks,
+    resolve_plan,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+class SVDQuantizer(HfQuantizer):
+    """Quantize-on-load and reload of hf_svdq checkpoints inside ``from_pretrained``."""
+
+    requires_calibration = False
+    quantization_config: SVDQuantConfig
+
+    def __init__(self, quantization_config: SVDQuantConfig, **kwargs: Any) -> None:
+        # Work on a copy: resolving the plan writes into the config, and the caller may reuse theirs.
+        super().__init__(copy.deepcopy(quantization_config), **kwargs)
+        if self.pre_quantized and not self.quantization_config.is_resolved:
+            raise ValueError(
+                "this checkpoint's quantization_config (quant_method 'svdq') has no resolved `ranks`; "
+                "it was not written by hf_svdq's save_pretrained"
+            )
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("hf_svdq does not support disk offload (device_map contains 'disk')")
+
+    def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
+        config = self.quantization_config
+        specs = find_linear_layers(model)
+        if config.is_resolved:
+            decisions = plan_from_resolved(specs, config)
+        else:
+            element_bytes = _element_bytes(model)
+            decisions = resolve_plan(specs, config, protected_layers(model), element_bytes)
+            config.ranks = recorded_ranks(decisions)
+            config.dense = recorded_dense(decisions)
+            log_plan(decisions)
+        for decision in decisions:
+            if decision.rank is not None:
+                _swap_in(model, decision.spec.name, decision.rank)
+
+    def param_needs_quantization(self, model: PreTrainedModel, param_name: str, **kwargs: Any) -> bool:
+        if self.pre_quantized:
+            return False
+        module_name, _, tensor_name = param_name.rpartition(".")
+        if tensor_name != fmt.LEFT:
+            return False
+        module = model.get_submodule(module_name)
+        return isinstance(module, SVDQLinear) and module.weight.is_meta
+
+    def get_quantize_ops(self) -> ConversionOps:
+        return SVDQuantizeOp(self)
+
+    def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
+        for name, module in model.named_modules():
+            if not isinstance(module, SVDQLinear):
+                continue
+            for tensor_name, param in module.named_parameters(recurse=False):
+                if param.is_meta:
+                    raise RuntimeError(
+                        f"hf_svdq: {name}.{tensor_name} was not loaded (not in the checkpoint?); "
+                        "refusing to return a model with uninitialized factors"
+                    )
+                param.requires_grad_(False)
+
+    def get_state_dict_and_metadata(self, model: PreTrainedModel) -> tuple[None, dict[str, str]]:
+        return None, {fmt.METADATA_FORMAT_KEY: str(fmt.FORMAT_VERSION)}
+
+    def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, SVDQLinear):
+                model.set_submodule(name, module.to_dense_module(dtype))
+        return model
+
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+class SVDQuantizeOp(ConversionOps):
+    """Factorizes one dense weight as it arrives and fills its :class:`SVDQLinear` in place."""
+
+    def __init__(self, hf_quantizer: SVDQuantizer) -> None:
+        self.hf_quantizer = hf_quantizer
+
+    def convert(
+        self,
+        input_dict: dict[str, Any],
+        model: nn.Module | None = None,
+        full_layer_name: str | None = None,
+        missing_keys: set[str] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        if model is None or full_layer_name is None:
+            raise ValueError("SVDQuantizeOp needs the model and the full layer name")
+        value = next(iter(input_dict.values()))
+        dense = value[0] if isinstance(value, (list, tuple)) else value
+        module_name = full_layer_name.rpartition(".")[0]
+        module = model.get_submodule(module_name)
+        if not isinstance(module, SVDQLinear):
+            raise TypeError(f"hf_svdq: {module_name} is {type(module).__name__}, expected SVDQLinear")
+        weight = dense.t() if module.transposed else dense
+        expected = (module.out_features, module.in_features)
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"hf_svdq: {full_layer_name} has shape {tuple(dense.shape)}, expected {expected}")
+        module.load_factors(low_rank_int8(weight, module.rank, module.weight_scale.dtype))
+        module._is_hf_initialized = True
+        for param in module.parameters(recurse=False):
+            param._is_hf_initialized = True  # type: ignore[attr-defined]
+        if missing_keys is not None:
+            for tensor_name in fmt.FACTOR_NAMES:
+                missing_keys.discard(f"{module_name}.{tensor_name}")
+        return {}
+
+
+def _element_bytes(model: nn.Module) -> int:
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.element_size()
+    return 4
+
+
+def _swap_in(model: nn.Module, name: str, rank: int) -> None:
+    old = model.get_submodule(name)
+    if isinstance(old, SVDQLinear):
+        return
+    weight, transposed = dense_weight_of(old)
+    out_features, in_features = weight.shape
+    new = SVDQLinear(
+        in_features,
+        out_features,
+        rank,
+        bias=getattr(old, "bias", None) is not None,
+        dtype=weight.dtype,
+        device="meta",
+        transposed=transposed,
+    )
+    model.set_submodule(name, new)
