@@ -21,10 +21,12 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 
 from . import format as fmt
+from .checkpoint import check_layer, read_headers
 from .config import SVDQuantConfig
 from .linalg import low_rank_int8
 from .modules import SVDQLinear, dense_weight_of
 from .plan import (
+    LayerDecision,
     find_linear_layers,
     log_plan,
     plan_from_resolved,
@@ -63,6 +65,8 @@ class SVDQuantizer(HfQuantizer):
         specs = find_linear_layers(model)
         if config.is_resolved:
             decisions = plan_from_resolved(specs, config)
+            if self.pre_quantized:
+                _check_checkpoint(kwargs.get("checkpoint_files"), decisions)
         else:
             element_bytes = _element_bytes(model)
             decisions = resolve_plan(specs, config, protected_layers(model), element_bytes)
@@ -152,6 +156,17 @@ class SVDQuantizeOp(ConversionOps):
             for tensor_name in fmt.FACTOR_NAMES:
                 missing_keys.discard(f"{module_name}.{tensor_name}")
         return {}
+
+
+def _check_checkpoint(files: list[str] | None, decisions: list[LayerDecision]) -> None:
+    """Refuse a checkpoint whose factor tensors are missing or misshapen, before anything loads."""
+    safetensors = [f for f in files or [] if str(f).endswith(".safetensors")]
+    if not safetensors:
+        return
+    headers = read_headers(safetensors)
+    for d in decisions:
+        if d.rank is not None:
+            check_layer(headers, d.spec.name, d.spec.out_features, d.spec.in_features, d.rank)
 
 
 def _element_bytes(model: nn.Module) -> int:

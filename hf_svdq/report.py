@@ -10,9 +10,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-
 from . import format as fmt
+from .checkpoint import read_headers, safetensors_files
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -65,20 +64,6 @@ class CheckpointReport:
         }
 
 
-def read_tensor_headers(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``{tensor name: (shape, safetensors dtype)}`` over every ``*.safetensors`` file in ``folder``."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors file in {folder}")
-    headers = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                tensor_slice = handle.get_slice(key)
-                headers[key] = (tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
-    return headers
-
-
 def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
     count = 1
     for dim in shape:
@@ -96,7 +81,7 @@ def checkpoint_report(folder: str | Path) -> CheckpointReport:
     qconfig = config.get("quantization_config") or {}
     if qconfig and qconfig.get("quant_method") != fmt.QUANT_METHOD:
         raise ValueError(f"{folder} is quantized with {qconfig.get('quant_method')!r}, not hf_svdq")
-    headers = read_tensor_headers(folder)
+    headers = read_headers(safetensors_files(folder))
     ranks: dict[str, int] = qconfig.get("ranks") or {}
     dense_notes: dict[str, str] = qconfig.get("dense") or {}
 

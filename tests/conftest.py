@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny random checkpoints per architecture, and the real SmolLM2 checkpoint."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TEXT_DIR = Path(os.environ.get("HF_SVDQ_TEXT_DIR", REPO_ROOT.parent / "shared" / "data" / "text"))
+
+ARCHITECTURES = ("llama", "gpt_neo", "gpt2", "gemma3", "qwen2")
+
+
+def tiny_model(arch: str, tie: bool = True) -> torch.nn.Module:
+    """A small random causal LM of ``arch`` (deterministic weights)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=128, tie_word_embeddings=tie)
+    if arch == "llama":
+        config = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, **common)
+        return tf.LlamaForCausalLM(config)
+    if arch == "qwen2":
+        config = tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, **common)
+        return tf.Qwen2ForCausalLM(config)
+    if arch == "gemma3":
+        config = tf.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=16, sliding_window=16, **common)
+        return tf.Gemma3ForCausalLM(config)
+    if arch == "gpt_neo":
+        config = tf.GPTNeoConfig(hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+                                 window_size=16, max_position_embeddings=128, **common)
+        return tf.GPTNeoForCausalLM(config)
+    if arch == "gpt2":
+        config = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common)
+        return tf.GPT2LMHeadModel(config)
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``tiny_checkpoint(arch, tie=True)`` -> folder of a saved dense tiny model (built once per session)."""
+    cache: dict[tuple[str, bool], Path] = {}
+
+    def make(arch: str, tie: bool = True) -> Path:
+        key = (arch, tie)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"{arch}-{'tied' if tie else 'untied'}")
+            tiny_model(arch, tie).save_pretrained(folder)
+            cache[key] = folder
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def input_ids() -> torch.Tensor:
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The real model as a plain checkpoint (converted once into the hf_svdq cache)."""
+    from hf_svdq.real_model import smollm2_checkpoint, smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except FileNotFoundError as err:
+        pytest.skip(f"real model unavailable: {err}")
+    return smollm2_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def text_dir() -> Path:
+    if not TEXT_DIR.is_dir():
+        pytest.skip(f"evaluation text folder {TEXT_DIR} is absent")
+    return TEXT_DIR
