@@ -100,7 +100,8 @@ def checkpoint_report(folder: str | Path) -> CheckpointReport:
         compressed_tensors.update(names)
     for name, note in dense_notes.items():
         key = f"{name}.weight"
-        if key not in headers:  # e.g. a head tied to the embedding is stored once, under the embedding
+        if key not in headers:  # a head tied to the embedding is stored once, under the embedding
+            rows.append(LayerRow(name, 0, 0, None, 0, 0, f"{note} (tied: stored with the weight it is tied to)"))
             continue
         shape, dtype = headers[key]
         out_features, in_features = shape[0], shape[-1]  # as stored (GPT-2 Conv1D stores [in, out])
@@ -129,7 +130,7 @@ def format_report(report: CheckpointReport, per_layer: bool = True) -> str:
         lines.append(f"{'layer':<48} {'shape':>11} {'rank':>5} {'dense B':>10} {'stored B':>10}  note")
         for r in report.layers:
             rank = "-" if r.rank is None else str(r.rank)
-            shape = f"{r.out_features}x{r.in_features}"
+            shape = f"{r.out_features}x{r.in_features}" if r.out_features else "-"
             lines.append(f"{r.name:<48} {shape:>11} {rank:>5} {r.dense_bytes:>10} {r.stored_bytes:>10}  {r.note or 'compressed'}")
         lines.append("")
     n = len(report.compressed)

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from hf_svdq.kernels import low_rank_linear_reference
+from hf_svdq.kernels import low_rank_linear, low_rank_linear_reference
 from hf_svdq.linalg import low_rank_int8
 from hf_svdq.modules import SVDQLinear
 
@@ -51,11 +51,15 @@ def test_fp16_large_activations_do_not_overflow():
     assert torch.isfinite(layer(x)).all()
 
 
-def test_module_uses_reference_kernel_semantics():
-    layer = SVDQLinear.from_dense(_linear(), rank=6)
-    x = torch.randn(4, 40)
-    expected = low_rank_linear_reference(x, layer.weight, layer.weight_scale, layer.weight_vh, layer.weight_vh_scale, layer.bias)
-    assert torch.equal(layer(x), expected)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fast_kernel_matches_reference_kernel(dtype):
+    layer = SVDQLinear.from_dense(_linear(), rank=6, dtype=dtype)
+    x = torch.randn(4, 7, 40).to(dtype)
+    args = (layer.weight, layer.weight_scale, layer.weight_vh, layer.weight_vh_scale, layer.bias)
+    expected = low_rank_linear_reference(x, *args)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(low_rank_linear(x, *args).float(), expected.float(), atol=tolerance, rtol=tolerance)
+    assert torch.equal(layer(x), low_rank_linear(x, *args))
 
 
 def test_conv1d_source_is_transposed_and_restored():

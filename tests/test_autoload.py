@@ -1,0 +1,62 @@
+"""A fresh interpreter where hf_svdq is installed but never imported, and one where it is switched off."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from hf_svdq import SVDQuantConfig
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_checkpoint, tmp_path_factory, input_ids):
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("autoload")
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"), quantization_config=SVDQuantConfig(rank=8))
+    model.save_pretrained(folder)
+    with torch.no_grad():
+        torch.save(model(input_ids).logits, folder / "expected.pt")
+    torch.save(input_ids, folder / "ids.pt")
+    return folder
+
+
+def _run(code: str, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HF_SVDQ_NO_AUTOLOAD"}
+    env.update(env_extra)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=300)
+
+
+LOAD = """
+    import sys, torch
+    from transformers import AutoModelForCausalLM
+    folder = sys.argv[1] if len(sys.argv) > 1 else {folder!r}
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        same = torch.equal(model(torch.load(folder + "/ids.pt")).logits, torch.load(folder + "/expected.pt"))
+    print("TYPE", type(model.model.layers[0].self_attn.q_proj).__name__, "SAME", same)
+"""
+
+
+def test_plain_transformers_loads_without_importing_hf_svdq(saved):
+    code = "import sys\nassert 'hf_svdq.config' not in sys.modules\n" + textwrap.dedent(LOAD.format(folder=str(saved)))
+    result = _run(code, {})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "TYPE SVDQLinear SAME True" in result.stdout
+
+
+def test_interpreter_start_does_not_import_torch():
+    result = _run("import sys; print('torch' in sys.modules, 'transformers' in sys.modules)", {})
+    assert result.stdout.split() == ["False", "False"]
+
+
+def test_without_hf_svdq_loading_fails_loudly(saved):
+    """HF_SVDQ_NO_AUTOLOAD=1 makes transformers see what an install without hf_svdq sees."""
+    result = _run(LOAD.format(folder=str(saved)), {"HF_SVDQ_NO_AUTOLOAD": "1"})
+    assert result.returncode != 0
+    assert "Unknown quantization type, got svdq" in result.stderr
+    assert "size mismatch" in result.stderr or "mismatched" in result.stderr.lower()
+    assert "TYPE" not in result.stdout  # no model was handed back

@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from hf_svdq.cli import main
+
+
+def test_compress_then_inspect(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "compressed"
+    code = main(["compress", str(tiny_checkpoint("llama")), str(out), "--rank-map", '{"*.self_attn.*": 8}', "--skip", "*.o_proj", "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["layers_compressed"] == 6  # q, k, v of 2 blocks
+    assert summary["bytes_stored"] < summary["bytes_dense"]
+    assert 0 < summary["bits_per_weight_compressed_layers"] < 32
+
+    assert main(["inspect", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "model.layers.0.self_attn.q_proj" in table and "skip pattern '*.o_proj'" in table
+    assert "no rank pattern matched" in table  # the MLPs
+    assert "layers compressed: 6, kept dense: 9" in table
+
+
+def test_compress_rank_and_dtype(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "bf16"
+    assert main(["compress", str(tiny_checkpoint("gpt2")), str(out), "--rank", "8", "--dtype", "bfloat16"]) == 0
+    text = capsys.readouterr().out
+    assert "layers compressed: 8" in text and "bits per weight" in text
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--rank", "0"], "rank must be a positive int, got 0"),
+        (["--rank-map", '{"*.q_proj": -1}'], "rank['*.q_proj'] must be a positive int, got -1"),
+        (["--rank", "8", "--skip", "re:("], "invalid regular expression 're:('"),
+    ],
+)
+def test_compress_bad_input_is_a_clear_error(argv, message, tiny_checkpoint, tmp_path, capsys):
+    assert main(["compress", str(tiny_checkpoint("llama")), str(tmp_path / "x"), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_rank_map_must_be_json_object(tiny_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", str(tiny_checkpoint("llama")), str(tmp_path / "x"), "--rank-map", "[1, 2]"])
+    assert "JSON object" in capsys.readouterr().err
+
+
+def test_inspect_rejects_folder_without_config(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
