@@ -20,6 +20,9 @@ OPT_OUT_ENV = "HF_SVDQ_NO_AUTOLOAD"
 
 
 def _register(module: ModuleType) -> None:
+    partial = sys.modules.get("hf_svdq.quantizer")
+    if partial is not None and not hasattr(partial, "SVDQuantizer"):
+        return  # hf_svdq.quantizer is being imported right now; it registers itself when done
     try:
         from hf_svdq.registration import register
 

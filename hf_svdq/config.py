@@ -71,6 +71,11 @@ class SVDQuantConfig(QuantizationConfigMixin):
         self.dense = self._validate_dense(dense)
         if self.rank is None and self.ranks is None:
             raise ValueError("SVDQuantConfig needs `rank` (an int or a {pattern: rank} mapping) or `ranks`")
+        # Whoever holds a config can pass it to from_pretrained: make "svdq" known to transformers
+        # now, also when the autoload hook is switched off. Idempotent and cheap after the first call.
+        from .registration import register
+
+        register()
 
     @staticmethod
     def _validate_rank(rank: object) -> int | dict[str, int] | None:
@@ -131,13 +136,3 @@ class SVDQuantConfig(QuantizationConfigMixin):
             "dense": None if self.dense is None else dict(self.dense),
         }
 
-
-def _register_with_transformers() -> None:
-    # Anyone holding an SVDQuantConfig can pass it to from_pretrained: make "svdq" known now,
-    # also when the autoload hook is switched off.
-    from .registration import register
-
-    register()
-
-
-_register_with_transformers()

@@ -192,3 +192,12 @@ def _swap_in(model: nn.Module, name: str, rank: int) -> None:
         transposed=transposed,
     )
     model.set_submodule(name, new)
+
+
+def _register_on_import() -> None:
+    from .registration import register
+
+    register()
+
+
+_register_on_import()

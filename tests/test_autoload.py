@@ -60,3 +60,20 @@ def test_without_hf_svdq_loading_fails_loudly(saved):
     assert "Unknown quantization type, got svdq" in result.stderr
     assert "size mismatch" in result.stderr or "mismatched" in result.stderr.lower()
     assert "TYPE" not in result.stdout  # no model was handed back
+
+
+@pytest.mark.parametrize("module", ["hf_svdq.quantizer", "hf_svdq.config", "hf_svdq.cli"])
+@pytest.mark.parametrize("autoload", ["", "1"])
+def test_any_import_order_registers_without_warnings(module, autoload):
+    code = f"""
+        import warnings
+        warnings.simplefilter("error")
+        import {module}
+        from hf_svdq import SVDQuantConfig
+        SVDQuantConfig(rank=4)
+        from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+        print(AUTO_QUANTIZER_MAPPING["svdq"].__name__)
+    """
+    result = _run(code, {"HF_SVDQ_NO_AUTOLOAD": autoload})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "SVDQuantizer"

