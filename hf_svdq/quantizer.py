@@ -75,7 +75,7 @@ class SVDQuantizer(HfQuantizer):
             log_plan(decisions)
         for decision in decisions:
             if decision.rank is not None:
-                _swap_in(model, decision.spec.name, decision.rank)
+                _swap_in(model, decision.spec.name, decision.rank, dense_placeholder=not self.pre_quantized)
 
     def param_needs_quantization(self, model: PreTrainedModel, param_name: str, **kwargs: Any) -> bool:
         if self.pre_quantized:
@@ -93,6 +93,12 @@ class SVDQuantizer(HfQuantizer):
         for name, module in model.named_modules():
             if not isinstance(module, SVDQLinear):
                 continue
+            if not self.pre_quantized and not getattr(module, "_hf_svdq_filled", False):
+                raise RuntimeError(
+                    f"hf_svdq: {name} was never compressed during loading (its dense weight did not reach "
+                    "the quantizer); refusing to return a model with uninitialized factors. This "
+                    "transformers version or architecture routes the weight differently: please report it."
+                )
             for tensor_name, param in module.named_parameters(recurse=False):
                 if param.is_meta:
                     raise RuntimeError(
@@ -140,6 +146,8 @@ class SVDQuantizeOp(ConversionOps):
             raise ValueError("SVDQuantizeOp needs the model and the full layer name")
         value = next(iter(input_dict.values()))
         dense = value[0] if isinstance(value, (list, tuple)) else value
+        if not dense.is_floating_point():
+            raise TypeError(f"hf_svdq: {full_layer_name} arrived as {dense.dtype}, expected a float dense weight")
         module_name = full_layer_name.rpartition(".")[0]
         module = model.get_submodule(module_name)
         if not isinstance(module, SVDQLinear):
@@ -150,6 +158,7 @@ class SVDQuantizeOp(ConversionOps):
             raise ValueError(f"hf_svdq: {full_layer_name} has shape {tuple(dense.shape)}, expected {expected}")
         module.load_factors(low_rank_int8(weight, module.rank, module.weight_scale.dtype))
         module._is_hf_initialized = True
+        module._hf_svdq_filled = True
         for param in module.parameters(recurse=False):
             param._is_hf_initialized = True  # type: ignore[attr-defined]
         if missing_keys is not None:
@@ -176,7 +185,7 @@ def _element_bytes(model: nn.Module) -> int:
     return 4
 
 
-def _swap_in(model: nn.Module, name: str, rank: int) -> None:
+def _swap_in(model: nn.Module, name: str, rank: int, dense_placeholder: bool) -> None:
     old = model.get_submodule(name)
     if isinstance(old, SVDQLinear):
         return
@@ -191,6 +200,10 @@ def _swap_in(model: nn.Module, name: str, rank: int) -> None:
         device="meta",
         transposed=transposed,
     )
+    if dense_placeholder:
+        # Quantize-on-load: the dense weight must reach SVDQuantizeOp in its float load dtype. A float
+        # placeholder stops transformers <= 5.20 from casting it to the int8 dtype of the factor first.
+        new.weight = nn.Parameter(torch.empty(new.weight.shape, dtype=weight.dtype, device="meta"), requires_grad=False)
     model.set_submodule(name, new)
 
 

@@ -32,6 +32,13 @@ def test_compress_save_reload_is_bit_identical(arch, tiny_checkpoint, input_ids,
     assert isinstance(model.get_output_embeddings(), (torch.nn.Linear, Conv1D))  # head stays dense
     before = _logits(model, input_ids)
     assert torch.isfinite(before).all()
+    # the factors must be the truncated SVD of the dense weight (guards the dtype the loader hands us)
+    name, layer = next(iter(compressed.items()))
+    dense = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(arch)).get_submodule(name).weight.detach()
+    dense = dense.t() if layer.transposed else dense
+    singular = torch.linalg.svdvals(dense)
+    optimum = (singular[RANK:] ** 2).sum().sqrt() / singular.norm()
+    assert (layer.dequantize() - dense).norm() / dense.norm() < optimum + 0.02
 
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
@@ -46,7 +53,7 @@ def test_compress_save_reload_is_bit_identical(arch, tiny_checkpoint, input_ids,
 
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert torch.equal(_logits(again, input_ids), before)
-    generated = again.generate(input_ids[:1], max_new_tokens=5, do_sample=False)
+    generated = again.generate(input_ids[:1], max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert generated.shape == (1, input_ids.shape[1] + 5)
 
 
