@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 VARIANTS = {
     "dense": None,
     # plain SVD at full rank on k/v/down: only INT8 rounding is lost (the real-model test's safe policy)
-    "safe (k,v,down full rank)": {"*.k_proj": 192, "*.v_proj": 192, "*.down_proj": 576},
+    "safe (k,v,down full)": {"*.k_proj": 192, "*.v_proj": 192, "*.down_proj": 576},
     # the seeds' uniform style: every attention+MLP linear at rank 128 (plain SVD: quality is garbage)
     "uniform rank 128": 128,
 }
@@ -93,16 +93,20 @@ def main() -> None:
     dense = table["dense"]
     print(f"SmolLM2-135M-Instruct, float32, CPU threads={os.environ.get('BENCH_THREADS', '1')}, "
           f"medians of {args.repeats}; dense checkpoint {dense_file_bytes / 1e6:.0f} MB")
-    header = f"{'variant':<28} {'load s':>7} {'x dense':>8} {'peak RSS MB':>12} {'peak/ckpt':>10} {'peak anon+ MB':>14} {'ckpt MB':>8} {'x dense':>8} {'tok/s':>7} {'x dense':>8}"
+    header = (f"{'variant':<26} {'load s':>7} {'x dense':>8} {'peak RSS MB':>12} {'/ckpt':>6} {'load RSS+ MB':>13} "
+              f"{'/ckpt':>6} {'anon+ MB':>9} {'ckpt MB':>8} {'x dense':>8} {'tok/s':>6} {'x dense':>8}")
     print(header)
     for variant, row in table.items():
         print(
-            f"{variant:<28} {row['load_s']:>7.2f} {row['load_s'] / dense['load_s']:>8.2f} "
-            f"{row['peak_rss'] / 1e6:>12.0f} {row['peak_rss'] / dense_file_bytes:>10.2f} "
-            f"{row['peak_anon_over_baseline'] / 1e6:>14.0f} {row['checkpoint_bytes'] / 1e6:>8.0f} "
-            f"{row['checkpoint_bytes'] / dense['checkpoint_bytes']:>8.3f} {row['decode_tok_s']:>7.1f} "
+            f"{variant:<26} {row['load_s']:>7.2f} {row['load_s'] / dense['load_s']:>8.2f} "
+            f"{row['peak_rss'] / 1e6:>12.0f} {row['peak_rss'] / dense_file_bytes:>6.2f} "
+            f"{row['peak_rss_over_baseline'] / 1e6:>13.0f} {row['peak_rss_over_baseline'] / dense_file_bytes:>6.2f} "
+            f"{row['peak_anon_over_baseline'] / 1e6:>9.0f} {row['checkpoint_bytes'] / 1e6:>8.0f} "
+            f"{row['checkpoint_bytes'] / dense['checkpoint_bytes']:>8.3f} {row['decode_tok_s']:>6.1f} "
             f"{row['decode_tok_s'] / dense['decode_tok_s']:>8.2f}"
         )
+    print("peak RSS: whole process (incl. ~250 MB of Python/torch/transformers); load RSS+: peak minus the RSS just "
+          "before from_pretrained (incl. mmapped checkpoint pages); anon+: anonymous memory only, sampled every 2 ms")
     if args.json:
         args.json.write_text(json.dumps({"dense_file_bytes": dense_file_bytes, "medians": table, "runs": runs}, indent=2))
 
