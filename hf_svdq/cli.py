@@ -44,6 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("checkpoint", help="checkpoint folder or Hub id")
     inspect.add_argument("--json", action="store_true")
     inspect.add_argument("--summary", action="store_true", help="summary lines only")
+    evaluate = sub.add_parser("eval", help="perplexity, agreement with a reference, generation health, speed, size")
+    evaluate.add_argument("model", help=f"checkpoint folder, Hub id or {SMOLLM2_ALIAS}")
+    evaluate.add_argument("--text", type=Path, required=True, help="UTF-8 text file for perplexity")
+    evaluate.add_argument("--reference", help="dense model to compare against (same tokenizer)")
+    evaluate.add_argument("--window", type=int, default=512)
+    evaluate.add_argument("--stride", type=int, default=512)
+    evaluate.add_argument("--max-tokens", type=int, default=8192, help="cap on scored text tokens (0 = all)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument("--prompts", type=Path, help="file with one generation prompt per line")
+    evaluate.add_argument("--dtype", choices=_DTYPES, default="auto")
+    evaluate.add_argument("--json", type=Path, help="also write the full result as JSON here")
     return parser
 
 
@@ -118,9 +129,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluation import DEFAULT_PROMPTS, EvalSettings, evaluate, format_evaluation
+    from .real_model import resolve_model_id
+
+    settings = EvalSettings(args.window, args.stride, args.max_tokens or None, args.max_new_tokens)
+    if not args.text.is_file():
+        raise FileNotFoundError(f"--text {args.text} does not exist")
+    prompts = DEFAULT_PROMPTS
+    if args.prompts:
+        prompts = tuple(line.strip() for line in args.prompts.read_text().splitlines() if line.strip())
+    source = resolve_model_id(args.model)
+    dtype = _torch_dtype(args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    reference = None
+    if args.reference:
+        reference = AutoModelForCausalLM.from_pretrained(resolve_model_id(args.reference), dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    result = evaluate(model, tokenizer, args.text.read_text(encoding="utf-8"), reference, settings, prompts)
+    result["model"], result["reference"], result["text"] = args.model, args.reference, str(args.text)
+    print(format_evaluation(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"compress": cmd_compress, "inspect": cmd_inspect}
+    handlers = {"compress": cmd_compress, "inspect": cmd_inspect, "eval": cmd_eval}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as err:

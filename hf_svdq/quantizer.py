@@ -22,6 +22,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from . import format as fmt
 from .checkpoint import check_layer, read_headers
+from ._memory import release_free_memory
 from .config import SVDQuantConfig
 from .linalg import low_rank_int8
 from .modules import SVDQLinear, dense_weight_of
@@ -164,6 +165,8 @@ class SVDQuantizeOp(ConversionOps):
         if missing_keys is not None:
             for tensor_name in fmt.FACTOR_NAMES:
                 missing_keys.discard(f"{module_name}.{tensor_name}")
+        del dense, weight, value
+        release_free_memory()
         return {}
 
 
