@@ -7,18 +7,27 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .calibration import CalibrationConfig
 from .format import FORMAT_VERSION, QUANT_METHOD
+from .groupquant import SUPPORTED_BITS
 from .patterns import Pattern, compile_pattern, compile_patterns
 
 
-def _check_rank(value: object, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{field} must be a positive int, got {value!r}")
+def _check_rank(value: object, field: str, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        kind = "a non-negative int (0: no low-rank correction)" if allow_zero else "a positive int"
+        raise ValueError(f"{field} must be {kind}, got {value!r}")
     return value
 
 
 class SVDQuantConfig(QuantizationConfigMixin):
     """Low-rank (truncated SVD) compression of Linear layers with INT8 factors.
+
+    Rank policies (give one): ``rank``; ``energy``; ``target_bits_per_weight`` or
+    ``target_param_ratio`` (a global budget split by measured truncation loss, each matrix at least
+    ``rank_floor``). Modes: plain low rank (default), activation-aware when ``calibration`` is given,
+    and ``W ~ Q + L R`` when ``residual_bits`` is set (quantize first, then spend the rank on the
+    quantization error; ``rank=0`` is plain group quantization).
 
     Args:
         rank: One rank for every compressed layer, or a mapping ``{pattern: rank}`` (first matching
@@ -31,6 +40,19 @@ class SVDQuantConfig(QuantizationConfigMixin):
             so a reload builds exact shapes; passing it yourself (e.g. from a policy) makes it
             authoritative and ``rank``/``skip`` are then only recorded.
         dense: Resolved ``{module name: reason}`` of eligible layers kept dense (filled in like ``ranks``).
+        energy: Per matrix, the smallest rank keeping this share of the squared singular values (of the
+            whitened weight when calibrated, of the quantization error in residual mode).
+        target_bits_per_weight: Average stored bits per weight over the compressed layers.
+        target_param_ratio: Share of the compressed layers' parameters the factors may hold (pure low rank).
+        rank_floor: Smallest rank a budget policy gives any matrix.
+        residual_bits: 4 or 8: group-quantize the weight and add a low-rank correction of the error.
+        group_size: Input columns per quantization group (None: one group per row).
+        residual_method: ``"gptq"`` (error feedback; needs calibration, its default), ``"mse"``
+            (round-to-nearest with a per-group clip search, activation-weighted when calibrated) or
+            ``"rtn"`` (plain min/max round-to-nearest, the data-free default).
+        calibration: A :class:`~hf_svdq.calibration.CalibrationConfig` (or dict) for activation-aware
+            compression; only a summary (source, sha256, sizes) is saved.
+        damp: Eigenvalue floor of the activation Gram, as a share of its mean eigenvalue.
         format_version: Version of the on-disk layout (:data:`hf_svdq.format.FORMAT_VERSION`).
 
     Raises:
@@ -41,6 +63,16 @@ class SVDQuantConfig(QuantizationConfigMixin):
         self,
         rank: int | Mapping[str, int] | None = None,
         skip: Sequence[str] | None = None,
+        *,
+        energy: float | None = None,
+        target_bits_per_weight: float | None = None,
+        target_param_ratio: float | None = None,
+        rank_floor: int = 8,
+        residual_bits: int | None = None,
+        group_size: int | None = 64,
+        residual_method: str | None = None,
+        calibration: CalibrationConfig | Mapping[str, Any] | None = None,
+        damp: float = 0.01,
         ranks: Mapping[str, int] | None = None,
         dense: Mapping[str, str] | None = None,
         format_version: int = FORMAT_VERSION,
@@ -60,7 +92,10 @@ class SVDQuantConfig(QuantizationConfigMixin):
                 "upgrade hf_svdq to load this checkpoint"
             )
         self.format_version = format_version
-        self.rank = self._validate_rank(rank)
+        self.residual_bits = residual_bits
+        if residual_bits is not None and residual_bits not in SUPPORTED_BITS:
+            raise ValueError(f"residual_bits must be one of {SUPPORTED_BITS} or None, got {residual_bits!r}")
+        self.rank = self._validate_rank(rank, allow_zero=residual_bits is not None)
         if skip is None:
             skip = []
         if isinstance(skip, str) or not isinstance(skip, Sequence):
@@ -69,8 +104,48 @@ class SVDQuantConfig(QuantizationConfigMixin):
         self.skip = list(skip)
         self.ranks = self._validate_ranks(ranks)
         self.dense = self._validate_dense(dense)
-        if self.rank is None and self.ranks is None:
-            raise ValueError("SVDQuantConfig needs `rank` (an int or a {pattern: rank} mapping) or `ranks`")
+        self.energy = energy
+        if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1):
+            raise ValueError(f"energy must be a number in (0, 1], got {energy!r}")
+        self.target_bits_per_weight = target_bits_per_weight
+        if target_bits_per_weight is not None and (
+            isinstance(target_bits_per_weight, bool) or not isinstance(target_bits_per_weight, (int, float)) or target_bits_per_weight <= 0
+        ):
+            raise ValueError(f"target_bits_per_weight must be a positive number, got {target_bits_per_weight!r}")
+        self.target_param_ratio = target_param_ratio
+        if target_param_ratio is not None and (
+            isinstance(target_param_ratio, bool) or not isinstance(target_param_ratio, (int, float)) or not 0 < target_param_ratio < 1
+        ):
+            raise ValueError(f"target_param_ratio must be in (0, 1) (the share of parameters kept), got {target_param_ratio!r}")
+        if isinstance(rank_floor, bool) or not isinstance(rank_floor, int) or rank_floor < 0:
+            raise ValueError(f"rank_floor must be a non-negative int, got {rank_floor!r}")
+        self.rank_floor = rank_floor
+        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0):
+            raise ValueError(f"group_size must be a positive int or None (one group per row), got {group_size!r}")
+        self.group_size = group_size
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < 1:
+            raise ValueError(f"damp must be in [0, 1), got {damp!r}")
+        self.damp = float(damp)
+        self.calibration = CalibrationConfig.coerce(calibration)
+        if residual_method not in (None, "rtn", "mse", "gptq"):
+            raise ValueError(f"residual_method must be 'rtn', 'mse', 'gptq' or None, got {residual_method!r}")
+        if residual_method == "gptq" and self.calibration is None:
+            raise ValueError("residual_method 'gptq' needs calibration data (calibration=...)")
+        if residual_method is None and residual_bits is not None:
+            residual_method = "gptq" if self.calibration is not None else "rtn"
+        self.residual_method = residual_method
+        policies = [n for n in ("rank", "energy", "target_bits_per_weight", "target_param_ratio") if getattr(self, n) is not None]
+        if len(policies) > 1:
+            raise ValueError(f"give one rank policy, got {policies}")
+        if target_bits_per_weight is not None and target_param_ratio is not None:
+            raise ValueError("give target_bits_per_weight or target_param_ratio, not both")
+        if target_param_ratio is not None and residual_bits is not None:
+            raise ValueError("target_param_ratio applies to pure low rank; with residual_bits use target_bits_per_weight")
+        if not policies and self.ranks is None:
+            raise ValueError(
+                "SVDQuantConfig needs a rank policy: `rank` (an int or {pattern: rank}), `energy`, "
+                "`target_bits_per_weight`, `target_param_ratio`, or resolved `ranks`"
+            )
         # Whoever holds a config can pass it to from_pretrained: make "svdq" known to transformers
         # now, also when the autoload hook is switched off. Idempotent and cheap after the first call.
         from .registration import register
@@ -78,7 +153,7 @@ class SVDQuantConfig(QuantizationConfigMixin):
         register()
 
     @staticmethod
-    def _validate_rank(rank: object) -> int | dict[str, int] | None:
+    def _validate_rank(rank: object, allow_zero: bool) -> int | dict[str, int] | None:
         if rank is None:
             return None
         if isinstance(rank, Mapping):
@@ -86,9 +161,9 @@ class SVDQuantConfig(QuantizationConfigMixin):
                 raise ValueError("rank: a rank mapping must not be empty")
             for pattern, value in rank.items():
                 compile_pattern(pattern, "rank")
-                _check_rank(value, f"rank[{pattern!r}]")
+                _check_rank(value, f"rank[{pattern!r}]", allow_zero)
             return dict(rank)
-        return _check_rank(rank, "rank")
+        return _check_rank(rank, "rank", allow_zero)
 
     @staticmethod
     def _validate_ranks(ranks: object) -> dict[str, int] | None:
@@ -99,7 +174,7 @@ class SVDQuantConfig(QuantizationConfigMixin):
         for name, value in ranks.items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"ranks: module names must be non-empty strings, got {name!r}")
-            _check_rank(value, f"ranks[{name!r}]")
+            _check_rank(value, f"ranks[{name!r}]", allow_zero=True)
         return dict(ranks)
 
     @staticmethod
@@ -109,6 +184,18 @@ class SVDQuantConfig(QuantizationConfigMixin):
         if not isinstance(dense, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in dense.items()):
             raise ValueError(f"dense must be a mapping of module name to reason, got {dense!r}")
         return dict(dense)
+
+    @property
+    def compresses_after_load(self) -> bool:
+        """True when compression needs the loaded weights or activations first (calibration,
+        residual quantization, energy or budget policies) rather than one weight at a time."""
+        return (
+            self.calibration is not None
+            or self.residual_bits is not None
+            or self.energy is not None
+            or self.target_bits_per_weight is not None
+            or self.target_param_ratio is not None
+        )
 
     @property
     def is_resolved(self) -> bool:
@@ -132,6 +219,15 @@ class SVDQuantConfig(QuantizationConfigMixin):
             "format_version": self.format_version,
             "rank": self.rank,
             "skip": list(self.skip),
+            "energy": self.energy,
+            "target_bits_per_weight": self.target_bits_per_weight,
+            "target_param_ratio": self.target_param_ratio,
+            "rank_floor": self.rank_floor,
+            "residual_bits": self.residual_bits,
+            "group_size": self.group_size,
+            "residual_method": self.residual_method,
+            "calibration": None if self.calibration is None else self.calibration.summary(),
+            "damp": self.damp,
             "ranks": None if self.ranks is None else dict(self.ranks),
             "dense": None if self.dense is None else dict(self.dense),
         }

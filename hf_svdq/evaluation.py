@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .degeneration import degeneration_report
-from .modules import SVDQLinear
+from .layers import COMPRESSED_LAYERS
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
     "What is the capital of France?",
@@ -158,7 +158,7 @@ def model_size(model: nn.Module) -> dict[str, Any]:
     compressed_bytes, compressed_weights = 0, 0
     owned_by_svdq = set()
     for module in model.modules():
-        if isinstance(module, SVDQLinear):
+        if isinstance(module, COMPRESSED_LAYERS):
             compressed_bytes += module.storage_bytes()
             compressed_weights += module.out_features * module.in_features
             dense_params += module.out_features * module.in_features
@@ -173,7 +173,7 @@ def model_size(model: nn.Module) -> dict[str, Any]:
             dense_params += tensor.numel()
     return {
         "bytes": total,
-        "compressed_layers": sum(isinstance(m, SVDQLinear) for m in model.modules()),
+        "compressed_layers": sum(isinstance(m, COMPRESSED_LAYERS) for m in model.modules()),
         "bits_per_weight_compressed_layers": 8.0 * compressed_bytes / compressed_weights if compressed_weights else None,
         "bits_per_weight_overall": 8.0 * total / dense_params if dense_params else None,
     }

@@ -15,6 +15,21 @@ name                       shape          dtype       meaning
 The dense weight is ``(weight * weight_scale[:, None]) @ (weight_vh * weight_vh_scale[:, None])``,
 in ``nn.Linear`` layout ``[out, in]`` also for ``Conv1D`` sources.
 
+**Residual layout** (``residual_bits`` set): ``W ~ Q + L R`` with ``Q`` group-quantized:
+
+=========================  ===========================  ========  ==================================
+``<m>.weight``             ``[out, in/g, g*bits/8]``    uint8     codes, INT4 packed two per byte
+``<m>.weight_scale``       ``[out, in/g]``              float16   one scale per group
+``<m>.weight_zero``        ``[out, in/g]``              uint8     one integer zero point per group
+``<m>.weight_u``           ``[out, r]``                 int8      left factor of the correction
+``<m>.weight_u_scale``     ``[out]``                    float     per-row scale
+``<m>.weight_vh``          ``[r, in]``                  int8      right factor of the correction
+``<m>.weight_vh_scale``    ``[r]``                      float     per-row scale
+=========================  ===========================  ========  ==================================
+
+``Q = (codes - zero) * scale`` per group of ``g`` input columns; the four ``weight_u*``/``weight_vh*``
+tensors are absent when ``r = 0``. The 3-D code tensor cannot match a dense ``[out, in]`` weight.
+
 The left factor is deliberately stored under the dense name ``weight``: its shape ``[out, r]``
 never equals the dense ``[out, in]`` (a layer is only compressed when ``r < in``), so a
 transformers install that does not know hf_svdq fails with a size-mismatch error instead of
@@ -37,6 +52,15 @@ BIAS = "bias"
 
 FACTOR_NAMES: tuple[str, ...] = (LEFT, LEFT_SCALE, RIGHT, RIGHT_SCALE)
 """Parameter names of a compressed module, in the order they are written."""
+
+CODES = "weight"
+GROUP_SCALE = "weight_scale"
+GROUP_ZERO = "weight_zero"
+CORR_LEFT = "weight_u"
+CORR_LEFT_SCALE = "weight_u_scale"
+RESIDUAL_NAMES: tuple[str, ...] = (CODES, GROUP_SCALE, GROUP_ZERO)
+CORRECTION_NAMES: tuple[str, ...] = (CORR_LEFT, CORR_LEFT_SCALE, RIGHT, RIGHT_SCALE)
+"""Residual-layout parameter names: the quantized base, then the low-rank correction (``r > 0``)."""
 
 METADATA_FORMAT_KEY = "hf_svdq_format_version"
 """Key in the safetensors header metadata carrying :data:`FORMAT_VERSION`."""

@@ -84,9 +84,10 @@ CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
 def quantize_rtn(
     weight: torch.Tensor, bits: int, group_size: int, importance: torch.Tensor | None = None,
-    clips: tuple[float, ...] = CLIP_GRID,
+    clips: tuple[float, ...] = (1.0,),
 ) -> GroupQuantized:
-    """Round-to-nearest with a per-group clip search (weighted by ``importance`` [in], e.g. diag(G))."""
+    """Round-to-nearest. ``clips=(1.0,)`` is plain min/max; with :data:`CLIP_GRID` each group picks the
+    clip ratio with the least (``importance``-weighted, e.g. ``diag(X^T X)``) squared error."""
     out, n = weight.shape
     check_group_args(n, bits, group_size)
     w = weight.detach().to(torch.float32).reshape(out * (n // group_size), group_size)

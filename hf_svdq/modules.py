@@ -87,21 +87,7 @@ class SVDQLinear(nn.Module):
     def to_dense_module(self, dtype: torch.dtype | None = None) -> nn.Module:
         """A dense ``nn.Linear`` (or ``Conv1D`` when the source was one) with the dequantized weight."""
         dtype = dtype or self.weight_scale.dtype
-        weight = self.dequantize(dtype)
-        has_bias = self.bias is not None
-        module: nn.Module
-        if self.transposed:
-            from transformers.pytorch_utils import Conv1D
-
-            module = Conv1D(self.out_features, self.in_features)
-            module.weight = nn.Parameter(weight.t().contiguous())
-            module.bias = nn.Parameter(self.bias.detach().to(dtype)) if self.bias is not None else None
-        else:
-            module = nn.Linear(self.in_features, self.out_features, bias=has_bias, device="meta")
-            module.weight = nn.Parameter(weight)
-            if self.bias is not None:
-                module.bias = nn.Parameter(self.bias.detach().to(dtype))
-        return module
+        return dense_module(self.dequantize(dtype), self.bias, self.transposed)
 
     def storage_bytes(self) -> int:
         """Bytes of the factors and scales (bias excluded)."""
@@ -113,6 +99,25 @@ class SVDQLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.bias is not None}, bytes={self.storage_bytes()} (dense {dense})"
         )
+
+
+def dense_module(weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> nn.Module:
+    """``nn.Linear`` holding ``weight`` [out, in] (and ``bias``), or a GPT-2 ``Conv1D`` when ``transposed``."""
+    out_features, in_features = weight.shape
+    bias_param = None if bias is None else nn.Parameter(bias.detach().to(weight.dtype).clone())
+    module: nn.Module
+    if transposed:
+        from transformers.pytorch_utils import Conv1D
+
+        module = Conv1D(out_features, in_features)
+        module.weight = nn.Parameter(weight.t().contiguous())
+        module.bias = bias_param
+    else:
+        module = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+        module.weight = nn.Parameter(weight)
+        if bias_param is not None:
+            module.bias = bias_param
+    return module
 
 
 def dense_weight_of(module: nn.Module) -> tuple[torch.Tensor, bool]:

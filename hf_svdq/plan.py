@@ -32,6 +32,10 @@ class LinearSpec:
     transposed: bool = False
 
 
+RANK_FROM_DATA = -1
+"""``LayerDecision.rank`` of a layer to compress whose rank is decided from its weights or activations."""
+
+
 @dataclass(frozen=True)
 class LayerDecision:
     """``rank`` is None when the layer stays dense; ``reason`` says why (or notes a clamp)."""
@@ -90,6 +94,7 @@ def resolve_plan(
     for text in unmatched([p for p, _ in rank_rules], names):
         warnings.warn(f"SVDQuantConfig.rank pattern {text!r} matched no Linear layer", UserWarning, stacklevel=3)
 
+    data_rank = config.rank is None  # energy or budget policy: ranks come from the data
     decisions = []
     for spec in specs:
         if spec.name in protected:
@@ -99,25 +104,41 @@ def resolve_plan(
         if hit is not None:
             decisions.append(LayerDecision(spec, None, f"skip pattern {hit.text!r}"))
             continue
+        if config.residual_bits is not None and spec.in_features % (config.group_size or spec.in_features):
+            decisions.append(LayerDecision(spec, None, f"group_size {config.group_size} does not divide in_features {spec.in_features}"))
+            continue
+        if data_rank:
+            decisions.append(LayerDecision(spec, RANK_FROM_DATA))
+            continue
         rule = next(((p, r) for p, r in rank_rules if p.matches(spec.name)), None)
         if rule is None:
             decisions.append(LayerDecision(spec, None, "no rank pattern matched"))
             continue
-        decisions.append(_decide_rank(spec, rule[1], dense_element_bytes))
+        decisions.append(_decide_rank(spec, rule[1], dense_element_bytes, config))
     return decisions
 
 
-def _decide_rank(spec: LinearSpec, requested: int, dense_element_bytes: int) -> LayerDecision:
+def layer_bytes(spec: LinearSpec, rank: int, config: SVDQuantConfig, scale_bytes: int) -> int:
+    """Stored bytes of one compressed layer at ``rank`` (bias excluded), for either layout."""
+    m, n = spec.out_features, spec.in_features
+    lowrank = factor_bytes(m, n, rank, scale_bytes) if rank else 0
+    if config.residual_bits is None:
+        return lowrank
+    group = config.group_size or n
+    return m * n * config.residual_bits // 8 + m * (n // group) * 3 + lowrank
+
+
+def _decide_rank(spec: LinearSpec, requested: int, dense_element_bytes: int, config: SVDQuantConfig) -> LayerDecision:
     full = min(spec.out_features, spec.in_features)
     rank, note = requested, ""
     if requested > full:
         rank, note = full, f"rank {requested} clamped to min(out, in) = {full}"
-    if rank >= spec.in_features:
+    if config.residual_bits is None and rank >= spec.in_features:
         return LayerDecision(spec, None, f"full rank: rank {rank} >= in_features {spec.in_features}, nothing to truncate")
-    stored = factor_bytes(spec.out_features, spec.in_features, rank, dense_element_bytes)
+    stored = layer_bytes(spec, rank, config, dense_element_bytes)
     dense = spec.out_features * spec.in_features * dense_element_bytes
     if stored >= dense:
-        return LayerDecision(spec, None, f"break-even: rank-{rank} INT8 factors take {stored} B >= dense {dense} B")
+        return LayerDecision(spec, None, f"break-even: rank-{rank} compressed layer takes {stored} B >= dense {dense} B")
     return LayerDecision(spec, rank, note)
 
 
@@ -136,10 +157,10 @@ def plan_from_resolved(specs: Sequence[LinearSpec], config: SVDQuantConfig) -> l
         rank = ranks.get(spec.name)
         if rank is None:
             decisions.append(LayerDecision(spec, None, (config.dense or {}).get(spec.name, "not in ranks")))
-        elif rank >= spec.in_features or rank > spec.out_features:
+        elif rank > spec.out_features or rank > spec.in_features or (config.residual_bits is None and (rank >= spec.in_features or rank < 1)):
             raise ValueError(
-                f"SVDQuantConfig.ranks[{spec.name!r}] = {rank} must be below in_features and at most out_features of its "
-                f"{spec.out_features}x{spec.in_features} weight"
+                f"SVDQuantConfig.ranks[{spec.name!r}] = {rank} does not fit its {spec.out_features}x{spec.in_features} "
+                "weight (low rank needs 1 <= rank < in_features; residual mode 0 <= rank <= min(out, in))"
             )
         else:
             decisions.append(LayerDecision(spec, rank))

@@ -26,6 +26,8 @@ from ._memory import release_free_memory
 from .config import SVDQuantConfig
 from .linalg import low_rank_int8
 from .modules import SVDQLinear, dense_weight_of
+from .layers import COMPRESSED_LAYERS
+from .residual import SVDQResidualLinear
 from .plan import (
     LayerDecision,
     find_linear_layers,
@@ -61,22 +63,29 @@ class SVDQuantizer(HfQuantizer):
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError("hf_svdq does not support disk offload (device_map contains 'disk')")
 
+    @property
+    def _after_load(self) -> bool:
+        """Compress after the dense weights have loaded (calibration, residual, data-chosen ranks)."""
+        return not self.pre_quantized and self.quantization_config.compresses_after_load
+
     def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
         config = self.quantization_config
         specs = find_linear_layers(model)
         if config.is_resolved:
             decisions = plan_from_resolved(specs, config)
             if self.pre_quantized:
-                _check_checkpoint(kwargs.get("checkpoint_files"), decisions)
+                _check_checkpoint(kwargs.get("checkpoint_files"), decisions, config)
         else:
-            element_bytes = _element_bytes(model)
-            decisions = resolve_plan(specs, config, protected_layers(model), element_bytes)
-            config.ranks = recorded_ranks(decisions)
-            config.dense = recorded_dense(decisions)
+            decisions = resolve_plan(specs, config, protected_layers(model), _element_bytes(model))
+        self._decisions = decisions
+        if self._after_load:
+            return  # the dense model loads as usual; _process_model_after_weight_loading compresses it
+        if not config.is_resolved:
+            config.ranks, config.dense = recorded_ranks(decisions), recorded_dense(decisions)
             log_plan(decisions)
         for decision in decisions:
             if decision.rank is not None:
-                _swap_in(model, decision.spec.name, decision.rank, dense_placeholder=not self.pre_quantized)
+                _swap_in(model, decision.spec.name, decision.rank, config, dense_placeholder=not self.pre_quantized)
 
     def param_needs_quantization(self, model: PreTrainedModel, param_name: str, **kwargs: Any) -> bool:
         if self.pre_quantized:
@@ -91,8 +100,19 @@ class SVDQuantizer(HfQuantizer):
         return SVDQuantizeOp(self)
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
+        config = self.quantization_config
+        if self._after_load:
+            from .compress import compress_model
+
+            ids = None
+            if config.calibration is not None:
+                ids = config.calibration.token_ids(_calibration_tokenizer(model, config))
+            decisions = compress_model(model, config, self._decisions, ids)
+            config.ranks, config.dense = recorded_ranks(decisions), recorded_dense(decisions)
+            log_plan(decisions)
+            return
         for name, module in model.named_modules():
-            if not isinstance(module, SVDQLinear):
+            if not isinstance(module, COMPRESSED_LAYERS):
                 continue
             if not self.pre_quantized and not getattr(module, "_hf_svdq_filled", False):
                 raise RuntimeError(
@@ -113,7 +133,7 @@ class SVDQuantizer(HfQuantizer):
 
     def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:
         for name, module in list(model.named_modules()):
-            if isinstance(module, SVDQLinear):
+            if isinstance(module, COMPRESSED_LAYERS):
                 model.set_submodule(name, module.to_dense_module(dtype))
         return model
 
@@ -170,7 +190,7 @@ class SVDQuantizeOp(ConversionOps):
         return {}
 
 
-def _check_checkpoint(files: list[str] | None, decisions: list[LayerDecision]) -> None:
+def _check_checkpoint(files: list[str] | None, decisions: list[LayerDecision], config: SVDQuantConfig) -> None:
     """Refuse a checkpoint whose factor tensors are missing or misshapen, before anything loads."""
     safetensors = [f for f in files or [] if str(f).endswith(".safetensors")]
     if not safetensors:
@@ -178,7 +198,21 @@ def _check_checkpoint(files: list[str] | None, decisions: list[LayerDecision]) -
     headers = read_headers(safetensors)
     for d in decisions:
         if d.rank is not None:
-            check_layer(headers, d.spec.name, d.spec.out_features, d.spec.in_features, d.rank)
+            check_layer(headers, d.spec.name, d.spec.out_features, d.spec.in_features, d.rank,
+                        config.residual_bits, config.group_size)
+
+
+def _calibration_tokenizer(model: nn.Module, config: SVDQuantConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    calibration = config.calibration
+    assert calibration is not None
+    if calibration.input_ids is not None:
+        return None
+    source = calibration.tokenizer or getattr(model.config, "name_or_path", None)
+    if not source:
+        raise ValueError("calibration needs a tokenizer: set calibration.tokenizer (a path or Hub id)")
+    return AutoTokenizer.from_pretrained(source)
 
 
 def _element_bytes(model: nn.Module) -> int:
@@ -188,12 +222,18 @@ def _element_bytes(model: nn.Module) -> int:
     return 4
 
 
-def _swap_in(model: nn.Module, name: str, rank: int, dense_placeholder: bool) -> None:
+def _swap_in(model: nn.Module, name: str, rank: int, config: SVDQuantConfig, dense_placeholder: bool) -> None:
     old = model.get_submodule(name)
-    if isinstance(old, SVDQLinear):
+    if isinstance(old, COMPRESSED_LAYERS):
         return
     weight, transposed = dense_weight_of(old)
     out_features, in_features = weight.shape
+    if config.residual_bits is not None:  # only reached on reload: residual mode compresses after load
+        model.set_submodule(name, SVDQResidualLinear(
+            in_features, out_features, rank, config.residual_bits, config.group_size or in_features,
+            bias=getattr(old, "bias", None) is not None, dtype=weight.dtype, device="meta", transposed=transposed,
+        ))
+        return
     new = SVDQLinear(
         in_features,
         out_features,

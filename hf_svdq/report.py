@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import format as fmt
-from .checkpoint import read_headers, safetensors_files
+from .checkpoint import expected_tensors, read_headers, safetensors_files
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -86,18 +86,26 @@ def checkpoint_report(folder: str | Path) -> CheckpointReport:
     dense_notes: dict[str, str] = qconfig.get("dense") or {}
 
     rows, compressed_tensors = [], set()
+    bits, group_size = qconfig.get("residual_bits"), qconfig.get("group_size")
     for name, rank in ranks.items():
-        names = [f"{name}.{t}" for t in fmt.FACTOR_NAMES]
-        missing = [n for n in names if n not in headers]
+        first = f"{name}.{fmt.LEFT}"
+        if first not in headers:
+            raise ValueError(f"{folder}: compressed layer {name} lacks tensor {first}")
+        shape = headers[first][0]
+        if bits is None:
+            out_features, in_features = shape[0], headers.get(f"{name}.{fmt.RIGHT}", ((0, 0), ""))[0][1]
+            scale_dtype = headers.get(f"{name}.{fmt.LEFT_SCALE}", ((), "F32"))[1]
+        else:
+            out_features, in_features = shape[0], shape[1] * shape[2] * 8 // bits
+            scale_dtype = headers.get(f"{name}.{fmt.CORR_LEFT_SCALE}", headers.get(f"{name}.bias", ((), "F32")))[1]
+        expected = expected_tensors(name, out_features, in_features, rank, bits, group_size)
+        missing = [n for n in expected if n not in headers]
         if missing:
             raise ValueError(f"{folder}: compressed layer {name} lacks tensor(s) {missing}")
-        (out_features, _), _ = headers[f"{name}.{fmt.LEFT}"]
-        (_, in_features), _ = headers[f"{name}.{fmt.RIGHT}"]
-        scale_dtype = headers[f"{name}.{fmt.LEFT_SCALE}"][1]
-        stored = sum(_nbytes(*headers[n]) for n in names)
+        stored = sum(_nbytes(*headers[n]) for n in expected)
         dense = out_features * in_features * _DTYPE_BYTES.get(scale_dtype, 4)
         rows.append(LayerRow(name, out_features, in_features, rank, dense, stored, ""))
-        compressed_tensors.update(names)
+        compressed_tensors.update(expected)
     for name, note in dense_notes.items():
         key = f"{name}.weight"
         if key not in headers:  # a head tied to the embedding is stored once, under the embedding

@@ -1,0 +1,191 @@
+"""Compressing a loaded (dense) model in place: the data-dependent paths.
+
+Used for calibrated (whitened) compression, the low-rank + quantized-residual modes and the
+energy / budget rank policies: every decision that needs the weights or activations first. The
+plain fixed-rank path runs during loading instead (:class:`hf_svdq.quantizer.SVDQuantizeOp`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._memory import release_free_memory
+from .activations import block_grams, block_inputs, dense_grams, find_blocks, input_groups, run_block
+from .budget import allocate_ranks
+from .config import SVDQuantConfig
+from .groupquant import CLIP_GRID, quantize_gptq, quantize_rtn
+from .linalg import LowRankInt8, energy_rank, quantize_int8_rows, truncated_svd
+from .modules import SVDQLinear, dense_weight_of
+from .plan import LayerDecision, LinearSpec, layer_bytes
+from .residual import SVDQResidualLinear
+from .whitening import Whitener, refit_left, whitened_low_rank, whitened_spectrum
+
+logger = logging.getLogger(__name__)
+
+
+def _low_rank(target: torch.Tensor, rank: int, gram: torch.Tensor | None, whitener: Whitener | None, scale_dtype: torch.dtype) -> LowRankInt8:
+    """INT8 factors of the best rank-``rank`` approximation of ``target`` (output norm when calibrated).
+    The right factor is quantized first and the left one refitted to it, then quantized."""
+    if whitener is not None and gram is not None:
+        left, right, _ = whitened_low_rank(target, whitener, rank)
+        right_q = quantize_int8_rows(right, scale_dtype)
+        left = refit_left(target, right_q.dequantize(), gram)
+    else:
+        left, right = truncated_svd(target, rank)
+        right_q = quantize_int8_rows(right, scale_dtype)
+    return LowRankInt8(quantize_int8_rows(left, scale_dtype), right_q)
+
+
+def _spectrum(target: torch.Tensor, whitener: Whitener | None) -> torch.Tensor:
+    return whitened_spectrum(target, whitener) if whitener is not None else torch.linalg.svdvals(target.to(torch.float64))
+
+
+def _base(weight: torch.Tensor, gram: torch.Tensor | None, config: SVDQuantConfig) -> Any:
+    group = config.group_size or weight.shape[1]
+    assert config.residual_bits is not None
+    if gram is not None and config.residual_method == "gptq":
+        return quantize_gptq(weight, gram, config.residual_bits, group, damp=config.damp)
+    importance = gram.diagonal() if gram is not None else None
+    clips = CLIP_GRID if config.residual_method == "mse" else (1.0,)
+    return quantize_rtn(weight, config.residual_bits, group, importance, clips)
+
+
+def compress_layer(
+    module: nn.Module, spec: LinearSpec, rank: int | None, config: SVDQuantConfig, gram: torch.Tensor | None,
+) -> tuple[nn.Module | None, int]:
+    """A compressed replacement of ``module`` and its rank; ``(None, rank)`` when the break-even
+    guard keeps it dense. ``rank=None`` means: choose it from the spectrum (``config.energy``)."""
+    weight, transposed = dense_weight_of(module)
+    dtype = weight.dtype
+    w = weight.detach().to(torch.float32)
+    bias = getattr(module, "bias", None)
+    whitener = Whitener.from_gram(gram, config.damp) if gram is not None else None
+    base = _base(w, gram, config) if config.residual_bits is not None else None
+    target = w - base.dequantize() if base is not None else w
+    if rank is None:
+        if config.energy is None:
+            raise ValueError("compress_layer: rank is undecided and no energy threshold is set")
+        rank = energy_rank(_spectrum(target, whitener), config.energy)
+    rank = min(rank, spec.in_features - 1 if base is None else spec.in_features, spec.out_features)
+    dense_bytes = spec.out_features * spec.in_features * weight.element_size()
+    if layer_bytes(spec, rank, config, weight.element_size()) >= dense_bytes:
+        return None, rank
+    if base is None:
+        if rank < 1:
+            return None, rank
+        new: nn.Module = SVDQLinear(spec.in_features, spec.out_features, rank, bias is not None, dtype=dtype, transposed=transposed)
+        new.load_factors(_low_rank(target, rank, gram, whitener, dtype))
+        if bias is not None:
+            new.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
+    else:
+        group = config.group_size or spec.in_features
+        new = SVDQResidualLinear(spec.in_features, spec.out_features, rank, config.residual_bits, group, bias is not None,
+                                 dtype=dtype, transposed=transposed)
+        correction = _low_rank(target, rank, gram, whitener, dtype) if rank else None
+        new.load(base, correction, bias)
+    return new.to(weight.device), rank
+
+
+def _budget_ranks(model: nn.Module, targets: Sequence[LayerDecision], config: SVDQuantConfig,
+                  grams: dict[str, torch.Tensor]) -> dict[str, int]:
+    spectra, specs = {}, {}
+    scale_bytes = 4
+    for d in targets:
+        module = model.get_submodule(d.spec.name)
+        weight, _ = dense_weight_of(module)
+        scale_bytes = weight.element_size()
+        w = weight.detach().to(torch.float32)
+        gram = grams.get(d.spec.name)
+        whitener = Whitener.from_gram(gram, config.damp) if gram is not None else None
+        target = w - quantize_rtn(w, config.residual_bits, config.group_size or w.shape[1]).dequantize() if config.residual_bits else w
+        spectra[d.spec.name], specs[d.spec.name] = _spectrum(target, whitener), d.spec
+    numbers = sum(s.out_features * s.in_features for s in specs.values())
+    if config.target_param_ratio is not None:
+        budget = config.target_param_ratio * numbers
+        def cost(name: str, r: int) -> float:
+            s = specs[name]
+            return r * (s.out_features + s.in_features)
+    else:
+        assert config.target_bits_per_weight is not None
+        budget = config.target_bits_per_weight * numbers / 8
+        def cost(name: str, r: int) -> float:
+            return layer_bytes(specs[name], r, config, scale_bytes)
+    limits = {n: min(s.out_features, s.in_features - (0 if config.residual_bits else 1)) for n, s in specs.items()}
+    ranks = allocate_ranks(spectra, cost, budget, floor=config.rank_floor, max_rank=limits)
+    logger.info("hf_svdq: budget allocated ranks %s", ranks)
+    return ranks
+
+
+def compress_model(
+    model: nn.Module, config: SVDQuantConfig, decisions: Sequence[LayerDecision], ids: torch.Tensor | None,
+    progress: bool = True,
+) -> list[LayerDecision]:
+    """Replace every layer with a rank decision (``rank`` int, or -1 = from data) in place.
+
+    Returns the final decisions (ranks resolved; layers the break-even guard kept dense marked so).
+    """
+    targets = [d for d in decisions if d.rank is not None]
+    calibration = config.calibration
+    batch = calibration.batch_size if calibration is not None else 8
+    sequential = ids is not None and calibration is not None and calibration.sequential
+    grams: dict[str, torch.Tensor] = {}
+    budgeted = config.target_bits_per_weight is not None or config.target_param_ratio is not None
+    if ids is not None and (not sequential or budgeted):
+        grams = dense_grams(model, [d.spec.name for d in targets], ids, batch,
+                            calibration.stats_cache if calibration else None, progress)
+    fixed: dict[str, int | None] = {d.spec.name: (d.rank if d.rank >= 0 else None) for d in targets}
+    if budgeted:
+        fixed.update(_budget_ranks(model, targets, config, grams))
+
+    results: dict[str, tuple[nn.Module | None, int]] = {}
+    by_name = {d.spec.name: d for d in targets}
+
+    def do(name: str, gram: torch.Tensor | None) -> None:
+        module = model.get_submodule(name)
+        new, rank = compress_layer(module, by_name[name].spec, fixed[name], config, gram)
+        results[name] = (new, rank)
+        if new is not None:
+            model.set_submodule(name, new)
+        release_free_memory()
+
+    if sequential:
+        assert ids is not None
+        prefix, blocks = find_blocks(model)
+        hidden, kwargs = block_inputs(model, blocks, ids, batch)
+        done: set[str] = set()
+        for index, block in enumerate(tqdm(blocks, desc="calibrated compression", disable=not progress)):
+            block_prefix = f"{prefix}.{index}."
+            names = [n[len(block_prefix):] for n in by_name if n.startswith(block_prefix)]
+            for group in input_groups(block, names, hidden[0], kwargs[index]) if names else []:
+                group_grams = block_grams(block, group, hidden, kwargs[index])
+                for local in group:
+                    do(block_prefix + local, group_grams[local])
+                    done.add(block_prefix + local)
+            with torch.no_grad():
+                hidden = [run_block(block, h, kwargs[index]) for h in hidden]
+        rest = [n for n in by_name if n not in done]
+        if rest:
+            extra = dense_grams(model, rest, ids, batch, None, progress)
+            for name in rest:
+                do(name, extra.get(name))
+    else:
+        for name in tqdm(list(by_name), desc="compressing", disable=not progress):
+            do(name, grams.get(name))
+
+    final = []
+    for d in decisions:
+        if d.rank is None:
+            final.append(d)
+            continue
+        new, rank = results[d.spec.name]
+        if new is None:
+            final.append(LayerDecision(d.spec, None, f"break-even: rank {rank} is not smaller than dense"))
+        else:
+            final.append(LayerDecision(d.spec, rank, d.reason))
+    return final
