@@ -34,7 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     ranks = compress.add_mutually_exclusive_group(required=True)
     ranks.add_argument("--rank", type=int, help="one rank for every compressed layer")
     ranks.add_argument("--rank-map", type=_parse_rank_map, help='JSON {pattern: rank}, e.g. {"*.self_attn.*": 96}')
+    ranks.add_argument("--energy", type=float, help="per matrix, keep this share of squared singular values")
+    ranks.add_argument("--target-bpw", type=float, help="global budget: bits per weight over compressed layers")
+    ranks.add_argument("--target-param-ratio", type=float, help="global budget: share of parameters kept (low rank only)")
     compress.add_argument("--skip", nargs="*", default=[], metavar="PATTERN", help="module patterns kept dense")
+    compress.add_argument("--residual-bits", type=int, choices=(4, 8), help="W ~ Q + L R: quantize, then low-rank the error")
+    compress.add_argument("--group-size", type=int, default=64, help="quantization group size (residual mode)")
+    compress.add_argument("--residual-method", choices=("gptq", "mse", "rtn"), help="default: gptq when calibrated, else rtn")
+    compress.add_argument("--calibration", type=Path, help="UTF-8 text file for activation-aware compression")
+    compress.add_argument("--calib-samples", type=int, default=64)
+    compress.add_argument("--calib-seq-len", type=int, default=256)
     compress.add_argument("--dtype", choices=_DTYPES, default="auto", help="load (and compute) dtype")
     compress.add_argument("--prompt", help="generate from this prompt with the compressed model afterwards")
     compress.add_argument("--max-new-tokens", type=int, default=40)
@@ -76,11 +85,25 @@ def _local_folder(model: str) -> Path:
 def cmd_compress(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .calibration import CalibrationConfig
     from .config import SVDQuantConfig
     from .real_model import resolve_model_id
     from .report import checkpoint_report, format_report
 
-    config = SVDQuantConfig(rank=args.rank if args.rank is not None else args.rank_map, skip=args.skip)
+    calibration = None
+    if args.calibration is not None:
+        calibration = CalibrationConfig(file=str(args.calibration), n_samples=args.calib_samples, seq_len=args.calib_seq_len)
+    config = SVDQuantConfig(
+        rank=args.rank if args.rank is not None else args.rank_map,
+        skip=args.skip,
+        energy=args.energy,
+        target_bits_per_weight=args.target_bpw,
+        target_param_ratio=args.target_param_ratio,
+        residual_bits=args.residual_bits,
+        group_size=args.group_size,
+        residual_method=args.residual_method,
+        calibration=calibration,
+    )
     source = resolve_model_id(args.model)
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(source, quantization_config=config, dtype=_torch_dtype(args.dtype))

@@ -210,9 +210,13 @@ def _calibration_tokenizer(model: nn.Module, config: SVDQuantConfig) -> Any:
     if calibration.input_ids is not None:
         return None
     source = calibration.tokenizer or getattr(model.config, "name_or_path", None)
-    if not source:
-        raise ValueError("calibration needs a tokenizer: set calibration.tokenizer (a path or Hub id)")
-    return AutoTokenizer.from_pretrained(source)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(
+            f"calibration needs a tokenizer: none could be loaded from {source!r} ({err.__class__.__name__}); "
+            "set calibration.tokenizer (a path or Hub id) or give calibration.input_ids"
+        ) from None
 
 
 def _element_bytes(model: nn.Module) -> int:

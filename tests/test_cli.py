@@ -52,3 +52,21 @@ def test_rank_map_must_be_json_object(tiny_checkpoint, tmp_path, capsys):
 def test_inspect_rejects_folder_without_config(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_compress_residual_mode_from_cli(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "res"
+    code = main(["compress", str(tiny_checkpoint("llama")), str(out), "--rank", "4", "--residual-bits", "4",
+                 "--group-size", "32", "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["layers_compressed"] == 14
+    assert 4.0 < summary["bits_per_weight_compressed_layers"] < 8.0
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["residual_bits"] == 4 and config["residual_method"] == "rtn"
+
+
+def test_compress_policy_flags_are_exclusive(tiny_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", str(tiny_checkpoint("llama")), str(tmp_path / "x"), "--rank", "4", "--energy", "0.9"])
+    assert "not allowed with" in capsys.readouterr().err

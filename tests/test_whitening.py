@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from hf_svdq.whitening import Whitener, output_error, refit_left, whitened_low_rank, whitened_spectrum
+
+
+def _problem(m=40, n=24, tokens=500, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    mix = torch.randn(n, n, generator=g, dtype=torch.float64) * torch.logspace(0, -2, n, dtype=torch.float64)
+    x = torch.randn(tokens, n, generator=g, dtype=torch.float64) @ mix  # strongly anisotropic inputs
+    return w, x.T @ x
+
+
+@pytest.mark.parametrize("rank", [1, 6, 20])
+def test_output_error_of_whitened_truncation_is_the_discarded_spectrum(rank):
+    w, gram = _problem()
+    whitener = Whitener.from_gram(gram, damp=0.0)
+    left, right, spectrum = whitened_low_rank(w, whitener, rank)
+    error = output_error(w, left.double() @ right.double(), gram)
+    assert error == pytest.approx(float((spectrum[rank:] ** 2).sum()), rel=1e-4)
+
+
+def test_whitened_beats_plain_svd_in_output_error():
+    w, gram = _problem()
+    left, right, _ = whitened_low_rank(w, Whitener.from_gram(gram, damp=0.0), 6)
+    u, s, vh = torch.linalg.svd(w)
+    plain = (u[:, :6] * s[:6]) @ vh[:6]
+    assert output_error(w, left.double() @ right.double(), gram) < 0.8 * output_error(w, plain, gram)
+
+
+def test_singular_gram_does_not_fail():
+    w, _ = _problem()
+    x = torch.randn(5, 24, dtype=torch.float64)  # 5 tokens: rank-5 Gram of a 24-wide input
+    gram = x.T @ x
+    left, right, spectrum = whitened_low_rank(w, Whitener.from_gram(gram, damp=0.01), 10)
+    assert torch.isfinite(left).all() and torch.isfinite(right).all()
+    assert torch.isfinite(whitened_spectrum(w, Whitener.from_gram(torch.zeros(24, 24)))).all()
+
+
+def test_refit_left_is_the_least_squares_optimum():
+    w, gram = _problem()
+    right = torch.randn(6, 24, dtype=torch.float64)
+    best = refit_left(w, right, gram, damp=0.0).double()
+    base = output_error(w, best @ right, gram)
+    for _ in range(5):
+        nudged = best + 1e-3 * torch.randn_like(best)
+        assert output_error(w, nudged @ right, gram) >= base
+
+
+def test_whitener_validates_input():
+    with pytest.raises(ValueError, match="square"):
+        Whitener.from_gram(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="damp"):
+        Whitener.from_gram(torch.eye(3), damp=1.5)
