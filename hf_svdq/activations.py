@@ -36,8 +36,8 @@ class GramCollector:
 
     def _hook(self, name: str):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-            gram = x.T @ x
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            gram = (x.T @ x).to(torch.float64)  # float32 products per batch, float64 running sum
             if name in self.grams:
                 self.grams[name] += gram
             else:

@@ -88,6 +88,10 @@ def compress_layer(
         new = SVDQResidualLinear(spec.in_features, spec.out_features, rank, config.residual_bits, group, bias is not None,
                                  dtype=dtype, transposed=transposed)
         correction = _low_rank(target, rank, gram, whitener, dtype) if rank else None
+        for _ in range(config.refine_steps if correction is not None else 0):
+            # alternate: re-quantize what the correction does not explain, then refit the correction
+            base = _base(w - correction.dequantize(), gram, config)
+            correction = _low_rank(w - base.dequantize(), rank, gram, whitener, dtype)
         new.load(base, correction, bias)
     return new.to(weight.device), rank
 

@@ -50,6 +50,7 @@ class SVDQuantConfig(QuantizationConfigMixin):
         residual_method: ``"gptq"`` (error feedback; needs calibration, its default), ``"mse"``
             (round-to-nearest with a per-group clip search, activation-weighted when calibrated) or
             ``"rtn"`` (plain min/max round-to-nearest, the data-free default).
+        refine_steps: Residual mode: alternate re-quantizing ``W - L R`` and refitting ``L R`` this many times.
         calibration: A :class:`~hf_svdq.calibration.CalibrationConfig` (or dict) for activation-aware
             compression; only a summary (source, sha256, sizes) is saved.
         damp: Eigenvalue floor of the activation Gram, as a share of its mean eigenvalue.
@@ -71,6 +72,7 @@ class SVDQuantConfig(QuantizationConfigMixin):
         residual_bits: int | None = None,
         group_size: int | None = 64,
         residual_method: str | None = None,
+        refine_steps: int = 0,
         calibration: CalibrationConfig | Mapping[str, Any] | None = None,
         damp: float = 0.01,
         ranks: Mapping[str, int] | None = None,
@@ -134,6 +136,11 @@ class SVDQuantConfig(QuantizationConfigMixin):
         if residual_method is None and residual_bits is not None:
             residual_method = "gptq" if self.calibration is not None else "rtn"
         self.residual_method = residual_method
+        if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
+            raise ValueError(f"refine_steps must be a non-negative int, got {refine_steps!r}")
+        if refine_steps and residual_bits is None:
+            raise ValueError("refine_steps applies to residual mode (residual_bits=4|8)")
+        self.refine_steps = refine_steps
         policies = [n for n in ("rank", "energy", "target_bits_per_weight", "target_param_ratio") if getattr(self, n) is not None]
         if len(policies) > 1:
             raise ValueError(f"give one rank policy, got {policies}")
@@ -226,6 +233,7 @@ class SVDQuantConfig(QuantizationConfigMixin):
             "residual_bits": self.residual_bits,
             "group_size": self.group_size,
             "residual_method": self.residual_method,
+            "refine_steps": self.refine_steps,
             "calibration": None if self.calibration is None else self.calibration.summary(),
             "damp": self.damp,
             "ranks": None if self.ranks is None else dict(self.ranks),
