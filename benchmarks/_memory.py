@@ -6,6 +6,8 @@ import threading
 import time
 from pathlib import Path
 
+from typing_extensions import Self
+
 
 def _status() -> dict[str, int]:
     fields = {}
@@ -50,7 +52,7 @@ class AnonPeak:
             self.peak = max(self.peak, anon_rss())
             time.sleep(self.interval)
 
-    def __enter__(self) -> AnonPeak:
+    def __enter__(self) -> Self:
         self.peak = anon_rss()
         self._thread.start()
         return self

@@ -134,9 +134,9 @@ def _format_row(row: dict[str, Any]) -> str:
 
 def _markdown(rows: list[dict[str, Any]], dense_emma: float, args: argparse.Namespace, calibration: CalibrationConfig) -> str:
     lines = [
-        f"Calibration: {calibration.n_samples} x {calibration.seq_len} tokens of sensesensibility.txt "
+        (f"Calibration: {calibration.n_samples} x {calibration.seq_len} tokens of sensesensibility.txt "
         f"({'sequential' if calibration.sequential else 'dense activations'}); eval: first {args.eval_tokens} tokens, "
-        "window 512, stride 512.",
+        "window 512, stride 512."),
         "",
         "| variant | bits/weight (compressed layers) | checkpoint MB | PPL pride | x dense | PPL emma | x dense | KL | top-1 | loops | compress s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -15,26 +15,43 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "SVDQuantConfig": ".config",
+    "CalibrationConfig": ".calibration",
     "SVDQLinear": ".modules",
+    "SVDQResidualLinear": ".residual",
     "SVDQuantizer": ".quantizer",
     "register": ".registration",
     "smollm2_checkpoint": ".real_model",
+    "evaluate": ".evaluation",
 }
 
-__all__ = ["FORMAT_VERSION", "QUANT_METHOD", "__version__", *_LAZY]
+__all__ = [
+    "FORMAT_VERSION",
+    "QUANT_METHOD",
+    "CalibrationConfig",
+    "SVDQLinear",
+    "SVDQResidualLinear",
+    "SVDQuantConfig",
+    "SVDQuantizer",
+    "__version__",
+    "evaluate",
+    "register",
+    "smollm2_checkpoint",
+]
 
 if TYPE_CHECKING:
-    from .config import SVDQuantConfig
-    from .modules import SVDQLinear
-    from .quantizer import SVDQuantizer
-    from .real_model import smollm2_checkpoint
-    from .registration import register
+    from .calibration import CalibrationConfig as CalibrationConfig
+    from .config import SVDQuantConfig as SVDQuantConfig
+    from .evaluation import evaluate as evaluate
+    from .modules import SVDQLinear as SVDQLinear
+    from .quantizer import SVDQuantizer as SVDQuantizer
+    from .real_model import smollm2_checkpoint as smollm2_checkpoint
+    from .registration import register as register
+    from .residual import SVDQResidualLinear as SVDQResidualLinear
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        module = importlib.import_module(_LAZY[name], __name__)
-        value = getattr(module, name)
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,10 +4,10 @@ and the block-by-block machinery for sequential (GPTQ-style) calibration."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -34,7 +34,7 @@ class GramCollector:
         self.tokens = 0
         self._handles: list[Any] = []
 
-    def _hook(self, name: str):  # noqa: ANN202
+    def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
             gram = (x.T @ x).to(torch.float64)  # float32 products per batch, float64 running sum
@@ -81,7 +81,7 @@ def block_inputs(
     device = next(model.parameters()).device
     kwargs: list[dict[str, Any]] = [{} for _ in blocks]
 
-    def kwarg_hook(index: int):  # noqa: ANN202
+    def kwarg_hook(index: int):
         def hook(module: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
             kwargs[index] = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value", "layer_past", "use_cache", "cache_position")}
             if index == len(blocks) - 1:
@@ -125,7 +125,7 @@ def input_groups(block: nn.Module, names: Sequence[str], hidden: torch.Tensor, k
     order: list[tuple[str, int]] = []
     modules = {n: block.get_submodule(n) for n in names}
 
-    def hook(name: str):  # noqa: ANN202
+    def hook(name: str):
         def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
             order.append((name, id(args[0])))
         return fn
@@ -154,7 +154,7 @@ def block_grams(
     collector = GramCollector(modules)
     seen: set[str] = set()
 
-    def stopper(name: str):  # noqa: ANN202
+    def stopper(name: str):
         def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
             seen.add(name)
             if seen >= set(names):

@@ -21,7 +21,7 @@ def read_headers(files: Iterable[str | os.PathLike[str]]) -> TensorHeaders:
     headers: TensorHeaders = {}
     for path in files:
         with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
                 tensor_slice = handle.get_slice(key)
                 headers[key] = (tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
     return headers

@@ -1,13 +1,17 @@
 """``SVDQuantizer``: the transformers ``HfQuantizer`` lifecycle for hf_svdq.
 
-This is the only module that touches transformers' quantizer hooks. Lifecycle:
+This is the only module that touches transformers' quantizer hooks. Three paths:
 
-1. ``_process_model_before_weight_loading`` (meta model): resolve the plan (or read the resolved one
-   from a saved config) and swap each chosen layer for an :class:`SVDQLinear` on the meta device.
-2. Quantize-on-load: ``param_needs_quantization`` routes each dense ``<layer>.weight`` to
-   :class:`SVDQuantizeOp`, which factorizes it (float32 SVD), fills the module in place and drops the
-   dense tensor. A saved checkpoint needs no op: its tensors match the module's parameters.
-3. ``_process_model_after_weight_loading``: check that every compressed layer was filled.
+* **Reload** of an hf_svdq checkpoint: ``_process_model_before_weight_loading`` (meta model) reads the
+  resolved ranks from the saved config, checks every compressed tensor in the safetensors header and
+  swaps in compressed modules with exact shapes; the tensors then load like any parameters.
+* **Quantize-on-load** (plain low rank, fixed ranks, no data): the same swap with a float placeholder;
+  ``param_needs_quantization`` routes each dense ``<layer>.weight`` to :class:`SVDQuantizeOp`, which
+  factorizes it (float32 SVD), fills the module in place and drops the dense tensor.
+* **After load** (calibration, residual mode, energy or budget policies): the dense model loads as
+  usual and ``_process_model_after_weight_loading`` compresses it (:mod:`hf_svdq.compress`).
+
+``_process_model_after_weight_loading`` also refuses any compressed layer left unfilled.
 """
 
 from __future__ import annotations
@@ -21,13 +25,12 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 
 from . import format as fmt
-from .checkpoint import check_layer, read_headers
 from ._memory import release_free_memory
+from .checkpoint import check_layer, read_headers
 from .config import SVDQuantConfig
+from .layers import COMPRESSED_LAYERS, SVDQLinear, SVDQResidualLinear
 from .linalg import low_rank_int8
-from .modules import SVDQLinear, dense_weight_of
-from .layers import COMPRESSED_LAYERS
-from .residual import SVDQResidualLinear
+from .modules import dense_weight_of
 from .plan import (
     LayerDecision,
     find_linear_layers,

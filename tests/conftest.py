@@ -20,7 +20,7 @@ def tiny_model(arch: str, tie: bool = True) -> torch.nn.Module:
     import transformers as tf
 
     torch.manual_seed(0)
-    common = dict(vocab_size=128, tie_word_embeddings=tie)
+    common = {"vocab_size": 128, "tie_word_embeddings": tie}
     if arch == "llama":
         config = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                 num_key_value_heads=2, **common)

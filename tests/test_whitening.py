@@ -33,7 +33,7 @@ def test_singular_gram_does_not_fail():
     w, _ = _problem()
     x = torch.randn(5, 24, dtype=torch.float64)  # 5 tokens: rank-5 Gram of a 24-wide input
     gram = x.T @ x
-    left, right, spectrum = whitened_low_rank(w, Whitener.from_gram(gram, damp=0.01), 10)
+    left, right, _spectrum = whitened_low_rank(w, Whitener.from_gram(gram, damp=0.01), 10)
     assert torch.isfinite(left).all() and torch.isfinite(right).all()
     assert torch.isfinite(whitened_spectrum(w, Whitener.from_gram(torch.zeros(24, 24)))).all()
 
