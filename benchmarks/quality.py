@@ -41,8 +41,6 @@ def variants(calibration: CalibrationConfig) -> dict[str, dict[str, Any] | None]
         "whitened SVD -10% params": {"target_param_ratio": 0.9, **cal},
         "whitened SVD -20% params": {"target_param_ratio": 0.8, **cal},
         "whitened SVD -40% params": {"target_param_ratio": 0.6, **cal},
-        "INT4 GPTQ g64 (no low rank)": {"rank": 0, "residual_bits": 4, "group_size": 64, **cal},
-        "INT4 GPTQ g64 + whitened LR r24": {"rank": 24, "residual_bits": 4, "group_size": 64, **cal},
         "INT4 GPTQ g64 + whitened LR, 4.5 bpw, refine 2": {"target_bits_per_weight": 4.5, **residual},
         "INT4 GPTQ g64 + whitened LR, 5.0 bpw, refine 2": {"target_bits_per_weight": 5.0, **residual},
         "INT4 GPTQ g64 + whitened LR, 6.5 bpw, refine 2": {"target_bits_per_weight": 6.5, **residual},
@@ -55,7 +53,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--calib-seq-len", type=int, default=256)
     parser.add_argument("--eval-tokens", type=int, default=8192)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--no-sequential", action="store_true", help="calibrate every layer on dense activations")
     parser.add_argument("--only", nargs="*", help="run only these variant names (dense is always run)")
     parser.add_argument("--json", type=Path)

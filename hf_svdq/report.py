@@ -143,6 +143,14 @@ def format_report(report: CheckpointReport, per_layer: bool = True) -> str:
         lines.append("")
     n = len(report.compressed)
     lines.append(f"layers compressed: {n}, kept dense: {len(report.layers) - n}")
+    by_type: dict[str, list[LayerRow]] = {}
+    for row in report.layers:
+        by_type.setdefault(row.name.rsplit(".", 1)[-1], []).append(row)
+    for kind, rows in sorted(by_type.items()):
+        ranks = sorted(r.rank for r in rows if r.rank is not None)
+        dense = len(rows) - len(ranks)
+        text = f"rank {ranks[0]}..{ranks[-1]} (median {ranks[len(ranks) // 2]})" if ranks else "no rank"
+        lines.append(f"  {kind:<12} {len(ranks):>3} compressed, {dense:>3} dense; {text}")
     ratio = report.total_bytes / report.dense_total_bytes if report.dense_total_bytes else float("nan")
     lines.append(f"bytes: {report.dense_total_bytes:,} dense -> {report.total_bytes:,} stored ({ratio:.3f}x)")
     lines.append(
