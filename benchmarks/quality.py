@@ -3,7 +3,8 @@
 Calibrates on sensesensibility.txt, evaluates perplexity on prideprejudice.txt (and emma.txt),
 KL / top-1 against the dense model on the same tokens, greedy generations through the loop detector.
 
-    python benchmarks/quality.py [--calib-samples 64] [--eval-tokens 8192] [--only NAME ...] [--json out.json]
+    python benchmarks/quality.py [--calib-samples 64] [--eval-tokens 8192] [--prompts 5] [--max-new-tokens 32]
+                                 [--only NAME ...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--calib-seq-len", type=int, default=256)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=5, help="how many of the default prompts to generate from")
     parser.add_argument("--no-sequential", action="store_true", help="calibrate every layer on dense activations")
     parser.add_argument("--only", nargs="*", help="run only these variant names (dense is always run)")
     parser.add_argument("--json", type=Path)
@@ -84,7 +86,7 @@ def main() -> None:
             report = checkpoint_report(tmp)
         quality = perplexity_and_agreement(model, pride, settings, None if kwargs is None else dense, progress=False)
         emma_ppl = perplexity_and_agreement(model, emma, settings, None, progress=False)["perplexity"]
-        health = generation_health(model, tokenizer, settings_prompts(), settings.max_new_tokens, progress=False)
+        health = generation_health(model, tokenizer, settings_prompts()[: args.prompts], settings.max_new_tokens, progress=False)
         row = {
             "variant": name,
             "bits_per_weight": report.bits_per_weight_compressed() if kwargs is not None else 32.0,
