@@ -36,6 +36,8 @@ def test_singular_gram_does_not_fail():
     left, right, _spectrum = whitened_low_rank(w, Whitener.from_gram(gram, damp=0.01), 10)
     assert torch.isfinite(left).all() and torch.isfinite(right).all()
     assert torch.isfinite(whitened_spectrum(w, Whitener.from_gram(torch.zeros(24, 24)))).all()
+    undamped = Whitener.from_gram(gram, damp=0.0)  # singular and undamped: still finite
+    assert torch.isfinite(whitened_low_rank(w, undamped, 10)[1]).all()
 
 
 def test_refit_left_is_the_least_squares_optimum():
