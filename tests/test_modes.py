@@ -123,3 +123,17 @@ def test_dense_statistics_are_cached_and_reused(tiny_checkpoint, calibration, in
     mtime = files[0].stat().st_mtime_ns
     second = _logits(AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"), quantization_config=SVDQuantConfig(rank=8, calibration=calib)), input_ids)
     assert torch.equal(first, second) and files[0].stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_base_weight_matches_reference_dequantization(bits, dtype):
+    from hf_svdq.groupquant import quantize_rtn
+
+    weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(0))
+    base = quantize_rtn(weight, bits, 16)
+    layer = SVDQResidualLinear(64, 24, 0, bits, 16, bias=False, dtype=dtype)
+    layer.load(base, None)
+    reference = base.dequantize(torch.float32)
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(layer.base_weight(dtype).float(), reference, atol=tolerance, rtol=tolerance)
