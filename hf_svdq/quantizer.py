@@ -17,6 +17,7 @@ This is the only module that touches transformers' quantizer hooks. Three paths:
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -213,6 +214,13 @@ def _calibration_tokenizer(model: nn.Module, config: SVDQuantConfig) -> Any:
     if calibration.input_ids is not None:
         return None
     source = calibration.tokenizer or getattr(model.config, "name_or_path", None)
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if source and Path(source).is_dir() and not any((Path(source) / f).is_file() for f in tokenizer_files):
+        # some transformers versions fall back to a useless default tokenizer here instead of failing
+        raise ValueError(
+            f"calibration needs a tokenizer: {source!r} has no tokenizer files; "
+            "set calibration.tokenizer (a path or Hub id) or give calibration.input_ids"
+        )
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError) as err:
