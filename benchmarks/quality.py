@@ -30,7 +30,7 @@ DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
 def variants(calibration: CalibrationConfig) -> dict[str, dict[str, Any] | None]:
     """name -> SVDQuantConfig kwargs (None = the dense model)."""
     cal = {"calibration": calibration}
-    residual = {"residual_bits": 4, "group_size": 64, "refine_steps": 2, **cal}
+    residual = {"residual_bits": 4, "group_size": 64, "refine_steps": 1, **cal}
     return {
         "dense": None,
         "INT8 RTN per-row": {"rank": 0, "residual_bits": 8, "group_size": None},
@@ -42,9 +42,9 @@ def variants(calibration: CalibrationConfig) -> dict[str, dict[str, Any] | None]
         "whitened SVD -10% params": {"target_param_ratio": 0.9, **cal},
         "whitened SVD -20% params": {"target_param_ratio": 0.8, **cal},
         "whitened SVD -40% params": {"target_param_ratio": 0.6, **cal},
-        "INT4 GPTQ g64 + whitened LR, 4.5 bpw, refine 2": {"target_bits_per_weight": 4.5, **residual},
-        "INT4 GPTQ g64 + whitened LR, 5.0 bpw, refine 2": {"target_bits_per_weight": 5.0, **residual},
-        "INT4 GPTQ g64 + whitened LR, 6.5 bpw, refine 2": {"target_bits_per_weight": 6.5, **residual},
+        "INT4 GPTQ g64 + whitened LR, 4.5 bpw, refine 1": {"target_bits_per_weight": 4.5, **residual},
+        "INT4 GPTQ g64 + whitened LR, 5.0 bpw, refine 1": {"target_bits_per_weight": 5.0, **residual},
+        "INT4 GPTQ g64 + whitened LR, 6.5 bpw, refine 1": {"target_bits_per_weight": 6.5, **residual},
     }
 
 
