@@ -105,13 +105,13 @@ def main() -> None:
         }
         rows.append(row)
         print(_format_row(row), flush=True)
+        if args.json:  # written after every row, so an interrupted run keeps what it measured
+            args.json.write_text(json.dumps({"rows": rows, "settings": {k: str(v) for k, v in vars(args).items()}}, indent=2))
         if model is not dense:
             del model
     dense_emma = rows[0]["ppl_emma"]
     print()
     print(_markdown(rows, dense_emma, args, calibration))
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "settings": vars(args) | {"text_dir": str(args.text_dir), "json": str(args.json)}}, indent=2))
 
 
 def settings_prompts() -> tuple[str, ...]:
