@@ -9,11 +9,7 @@ from torch import nn
 from .groupquant import GroupQuantized, check_group_args, pack_codes
 from .kernels import dequantize_rows, low_rank_linear
 from .linalg import LowRankInt8
-from .modules import dense_module
-
-
-def _frozen(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None) -> nn.Parameter:
-    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+from .modules import _frozen, dense_module
 
 
 class SVDQResidualLinear(nn.Module):
