@@ -38,7 +38,8 @@ def variants(calibration: CalibrationConfig) -> dict[str, dict[str, Any] | None]
         "INT4 RTN g64": {"rank": 0, "residual_bits": 4, "group_size": 64},
         "INT4 GPTQ g64 + whitened LR, 5.0 bpw, refine 1": {"target_bits_per_weight": 5.0, **residual},
         "INT4 GPTQ g64 + whitened LR, 6.5 bpw, refine 1": {"target_bits_per_weight": 6.5, **residual},
-        "INT4 GPTQ g64 + whitened LR, 4.5 bpw, refine 1": {"target_bits_per_weight": 4.5, **residual},
+        # at 4.5 bits a rank floor of 8 alone costs 4.6 bits: let the allocator start from 0
+        "INT4 GPTQ g64 + whitened LR, 4.5 bpw, refine 1": {"target_bits_per_weight": 4.5, "rank_floor": 0, **residual},
         "whitened SVD -20% params": {"target_param_ratio": 0.8, **cal},
         "whitened SVD -10% params": {"target_param_ratio": 0.9, **cal},
         "whitened SVD -40% params": {"target_param_ratio": 0.6, **cal},
