@@ -20,7 +20,7 @@ from .activations import block_grams, block_inputs, dense_grams, find_blocks, in
 from .budget import allocate_ranks
 from .config import SVDQuantConfig
 from .groupquant import CLIP_GRID, quantize_gptq, quantize_rtn
-from .linalg import LowRankInt8, energy_rank, quantize_int8_rows, truncated_svd
+from .linalg import LowRankInt8, energy_rank, low_rank_int8, quantize_int8_rows
 from .modules import SVDQLinear, dense_weight_of
 from .plan import LayerDecision, LinearSpec, layer_bytes
 from .residual import SVDQResidualLinear
@@ -30,15 +30,14 @@ logger = logging.getLogger(__name__)
 
 
 def _low_rank(target: torch.Tensor, rank: int, gram: torch.Tensor | None, whitener: Whitener | None, scale_dtype: torch.dtype) -> LowRankInt8:
-    """INT8 factors of the best rank-``rank`` approximation of ``target`` (output norm when calibrated).
-    The right factor is quantized first and the left one refitted to it, then quantized."""
-    if whitener is not None and gram is not None:
-        left, right, _ = whitened_low_rank(target, whitener, rank)
-        right_q = quantize_int8_rows(right, scale_dtype)
-        left = refit_left(target, right_q.dequantize(), gram)
-    else:
-        left, right = truncated_svd(target, rank)
-        right_q = quantize_int8_rows(right, scale_dtype)
+    """INT8 factors of the best rank-``rank`` approximation of ``target``. Calibrated: in the output
+    norm, with the right factor quantized first and the left one refitted to it; data-free: the same
+    :func:`~hf_svdq.linalg.low_rank_int8` the quantize-on-load path uses."""
+    if whitener is None or gram is None:
+        return low_rank_int8(target, rank, scale_dtype)
+    left, right, _ = whitened_low_rank(target, whitener, rank)
+    right_q = quantize_int8_rows(right, scale_dtype)
+    left = refit_left(target, right_q.dequantize(), gram)
     return LowRankInt8(quantize_int8_rows(left, scale_dtype), right_q)
 
 
