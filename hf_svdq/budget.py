@@ -61,3 +61,71 @@ def allocate_ranks(
         if nxt is not None:
             heapq.heappush(heap, nxt)
     return ranks
+
+
+def _hull(options: list[tuple[object, float, float]]) -> list[tuple[object, float, float]]:
+    """Options on the lower convex hull of (cost, loss), cheapest first, loss strictly falling."""
+    ordered = sorted(options, key=lambda o: (o[1], o[2]))
+    hull: list[tuple[object, float, float]] = []
+    for option in ordered:
+        if hull and option[2] >= hull[-1][2]:
+            continue  # costs at least as much and loses no less
+        while len(hull) >= 2:
+            (_, c1, l1), (_, c2, l2) = hull[-2], hull[-1]
+            # drop the middle point when it lies on or above the segment from hull[-2] to option
+            if (l1 - l2) * (option[1] - c2) <= (l2 - option[2]) * (c2 - c1):
+                hull.pop()
+            else:
+                break
+        hull.append(option)
+    return hull
+
+
+def choose_options(
+    options: Mapping[str, list[tuple[object, float, float]]],
+    budget: float | None = None,
+    max_loss: float | None = None,
+) -> dict[str, tuple[object, float, float]]:
+    """One ``(key, cost, loss)`` option per item: the cheapest first, then upgrades in order of loss
+    saved per unit of cost, while the total cost stays within ``budget`` or until the summed loss is
+    at most ``max_loss`` (give exactly one). Raises ``ValueError`` naming the numbers when the
+    cheapest choice already exceeds the budget or the best one cannot reach ``max_loss``."""
+    if (budget is None) == (max_loss is None):
+        raise ValueError("choose_options: give exactly one of budget and max_loss")
+    for name, opts in options.items():
+        if not opts:
+            raise ValueError(f"choose_options: {name!r} has no option")
+    hulls = {n: _hull(list(o)) for n, o in options.items()}
+    level = dict.fromkeys(hulls, 0)
+    spent = sum(h[0][1] for h in hulls.values())
+    loss = sum(h[0][2] for h in hulls.values())
+    if budget is not None and spent > budget:
+        raise ValueError(f"budget cannot be met: the cheapest choice already costs {spent:.0f} > budget {budget:.0f}")
+    if max_loss is not None:
+        best = sum(min(o[2] for o in opts) for opts in options.values())
+        if best > max_loss:
+            raise ValueError(f"quality floor cannot be met: the best choice predicts loss {best:.4g} > {max_loss:.4g}")
+
+    def step(name: str) -> tuple[float, str] | None:
+        hull, i = hulls[name], level[name]
+        if i + 1 >= len(hull):
+            return None
+        saved = hull[i][2] - hull[i + 1][2]
+        extra = hull[i + 1][1] - hull[i][1]
+        return (-saved / max(extra, 1e-12), name)
+
+    heap = [s for s in (step(n) for n in hulls) if s is not None]
+    heapq.heapify(heap)
+    while heap and (max_loss is None or loss > max_loss):
+        _, name = heapq.heappop(heap)
+        hull, i = hulls[name], level[name]
+        extra = hull[i + 1][1] - hull[i][1]
+        if budget is not None and spent + extra > budget:
+            continue  # this item's next upgrade does not fit; cheaper upgrades of others still may
+        spent += extra
+        loss -= hull[i][2] - hull[i + 1][2]
+        level[name] = i + 1
+        nxt = step(name)
+        if nxt is not None:
+            heapq.heappush(heap, nxt)
+    return {n: hulls[n][level[n]] for n in hulls}

@@ -95,19 +95,26 @@ def compress_layer(
     return new.to(weight.device), rank
 
 
-def _budget_ranks(model: nn.Module, targets: Sequence[LayerDecision], config: SVDQuantConfig,
+def truncation_spectrum(weight: torch.Tensor, config: SVDQuantConfig, gram: torch.Tensor | None) -> torch.Tensor:
+    """Singular values whose squared tail is the truncation loss of ``weight`` under ``config``:
+    of the whitened weight when calibrated, of the (round-to-nearest) quantization error in residual mode."""
+    w = weight.detach().to(torch.float32)
+    whitener = Whitener.from_gram(gram, config.damp) if gram is not None else None
+    target = w - quantize_rtn(w, config.residual_bits, config.group_size or w.shape[1]).dequantize() if config.residual_bits else w
+    return _spectrum(target, whitener)
+
+
+def budget_ranks(model: nn.Module, targets: Sequence[LayerDecision], config: SVDQuantConfig,
                   grams: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Ranks of ``targets`` under the config's global budget (``target_bits_per_weight`` or
+    ``target_param_ratio``), allocated by measured truncation loss."""
     spectra, specs = {}, {}
     scale_bytes = 4
     for d in targets:
-        module = model.get_submodule(d.spec.name)
-        weight, _ = dense_weight_of(module)
+        weight, _ = dense_weight_of(model.get_submodule(d.spec.name))
         scale_bytes = weight.element_size()
-        w = weight.detach().to(torch.float32)
-        gram = grams.get(d.spec.name)
-        whitener = Whitener.from_gram(gram, config.damp) if gram is not None else None
-        target = w - quantize_rtn(w, config.residual_bits, config.group_size or w.shape[1]).dequantize() if config.residual_bits else w
-        spectra[d.spec.name], specs[d.spec.name] = _spectrum(target, whitener), d.spec
+        spectra[d.spec.name] = truncation_spectrum(weight, config, grams.get(d.spec.name))
+        specs[d.spec.name] = d.spec
     numbers = sum(s.out_features * s.in_features for s in specs.values())
     if config.target_param_ratio is not None:
         budget = config.target_param_ratio * numbers
@@ -144,7 +151,7 @@ def compress_model(
                             calibration.stats_cache if calibration else None, progress)
     fixed: dict[str, int | None] = {d.spec.name: (d.rank if d.rank >= 0 else None) for d in targets}
     if budgeted:
-        fixed.update(_budget_ranks(model, targets, config, grams))
+        fixed.update(budget_ranks(model, targets, config, grams))
 
     results: dict[str, tuple[nn.Module | None, int]] = {}
     by_name = {d.spec.name: d for d in targets}
