@@ -159,6 +159,20 @@ class SVDQuantConfig(QuantizationConfigMixin):
 
         register()
 
+    @classmethod
+    def from_policy(cls, policy: Any, calibration: CalibrationConfig | Mapping[str, Any] | None = None) -> SVDQuantConfig:
+        """The config a sensitivity policy (``hf-svdq analyze``'s ``policy.json``, a path or a dict)
+        describes: its per-layer ranks and dense layers, with the analysed setting (residual bits,
+        group size, ...). Pass ``calibration`` to compress activation-aware as the analysis did.
+
+        Raises:
+            ValueError: the policy is not a readable hf_svdq policy; loading it into a model whose
+                layers it does not name exactly raises when ``from_pretrained`` plans the layers.
+        """
+        from .policy import config_kwargs_from_policy
+
+        return cls(**config_kwargs_from_policy(policy, calibration))
+
     @staticmethod
     def _validate_rank(rank: object, allow_zero: bool) -> int | dict[str, int] | None:
         if rank is None:

@@ -152,6 +152,13 @@ def plan_from_resolved(specs: Sequence[LinearSpec], config: SVDQuantConfig) -> l
             f"SVDQuantConfig.ranks names {len(unknown)} module(s) that are not Linear layers of this model, "
             f"e.g. {unknown[:3]}: the config was made for another architecture"
         )
+    if config.dense is not None:
+        uncovered = [s.name for s in specs if s.name not in ranks and s.name not in config.dense]
+        if uncovered:
+            raise ValueError(
+                f"SVDQuantConfig.ranks/dense do not mention {len(uncovered)} Linear layer(s) of this model, "
+                f"e.g. {uncovered[:3]}: the config (or policy) was made for another architecture"
+            )
     decisions = []
     for spec in specs:
         rank = ranks.get(spec.name)
