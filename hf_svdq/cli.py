@@ -1,4 +1,4 @@
-"""``hf-svdq`` command line: compress, inspect."""
+"""``hf-svdq`` command line: compress, inspect, eval, analyze."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import cli_analyze
 from .real_model import SMOLLM2_ALIAS
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     ranks.add_argument("--energy", type=float, help="per matrix, keep this share of squared singular values")
     ranks.add_argument("--target-bpw", type=float, help="global budget: bits per weight over compressed layers")
     ranks.add_argument("--target-param-ratio", type=float, help="global budget: share of parameters kept (low rank only)")
+    ranks.add_argument("--policy", type=Path, help="policy.json from `hf-svdq analyze` (per-layer ranks and dense layers)")
     compress.add_argument("--skip", nargs="*", default=[], metavar="PATTERN", help="module patterns kept dense")
     compress.add_argument("--residual-bits", type=int, choices=(4, 8), help="W ~ Q + L R: quantize, then low-rank the error")
     compress.add_argument("--group-size", type=int, default=64, help="quantization group size (residual mode)")
@@ -64,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--prompts", type=Path, help="file with one generation prompt per line")
     evaluate.add_argument("--dtype", choices=_DTYPES, default="auto")
     evaluate.add_argument("--json", type=Path, help="also write the full result as JSON here")
+    cli_analyze.add_parser(sub)
     return parser
 
 
@@ -93,17 +96,22 @@ def cmd_compress(args: argparse.Namespace) -> int:
     calibration = None
     if args.calibration is not None:
         calibration = CalibrationConfig(file=str(args.calibration), n_samples=args.calib_samples, seq_len=args.calib_seq_len)
-    config = SVDQuantConfig(
-        rank=args.rank if args.rank is not None else args.rank_map,
-        skip=args.skip,
-        energy=args.energy,
-        target_bits_per_weight=args.target_bpw,
-        target_param_ratio=args.target_param_ratio,
-        residual_bits=args.residual_bits,
-        group_size=args.group_size,
-        residual_method=args.residual_method,
-        calibration=calibration,
-    )
+    if args.policy is not None:
+        if args.skip:
+            raise ValueError("--skip cannot be combined with --policy: the policy lists the layers kept dense")
+        config = SVDQuantConfig.from_policy(args.policy, calibration)
+    else:
+        config = SVDQuantConfig(
+            rank=args.rank if args.rank is not None else args.rank_map,
+            skip=args.skip,
+            energy=args.energy,
+            target_bits_per_weight=args.target_bpw,
+            target_param_ratio=args.target_param_ratio,
+            residual_bits=args.residual_bits,
+            group_size=args.group_size,
+            residual_method=args.residual_method,
+            calibration=calibration,
+        )
     source = resolve_model_id(args.model)
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(source, quantization_config=config, dtype=_torch_dtype(args.dtype))
@@ -181,7 +189,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"compress": cmd_compress, "inspect": cmd_inspect, "eval": cmd_eval}
+    handlers = {"compress": cmd_compress, "inspect": cmd_inspect, "eval": cmd_eval, "analyze": cli_analyze.cmd_analyze}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as err:

@@ -81,3 +81,37 @@ def text_dir() -> Path:
     if not TEXT_DIR.is_dir():
         pytest.skip(f"evaluation text folder {TEXT_DIR} is absent")
     return TEXT_DIR
+
+
+class CharTokenizer:
+    """A character tokenizer for the tiny models (vocab 128), enough for evaluation and generation."""
+
+    chat_template = None
+
+    class _Encoding(dict):
+        @property
+        def input_ids(self) -> torch.Tensor:
+            return self["input_ids"]
+
+    def __call__(self, text: str, return_tensors: str | None = None, add_special_tokens: bool = True) -> dict:
+        return self._Encoding(input_ids=torch.tensor([[ord(c) % 128 for c in text]]))
+
+    def decode(self, ids: torch.Tensor, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(32 + int(i) % 95) for i in ids)
+
+
+def fragile_llama() -> torch.nn.Module:
+    """Tiny Llama whose Linear weights are exactly rank 4, except ``model.layers.1.self_attn.v_proj``:
+    full rank and large, so compressing it at a low rank is the one thing that hurts (a known pillar)."""
+    model = tiny_model("llama").eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0, 1.0, generator=generator)
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                out_f, in_f = module.weight.shape
+                low = torch.randn(out_f, 4, generator=generator) @ torch.randn(4, in_f, generator=generator)
+                module.weight.copy_(low / in_f**0.5)
+        fragile = model.model.layers[1].self_attn.v_proj.weight
+        fragile.copy_(torch.randn(fragile.shape, generator=generator) * 3 / fragile.shape[1] ** 0.5)
+    return model

@@ -70,3 +70,40 @@ def test_compress_policy_flags_are_exclusive(tiny_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["compress", str(tiny_checkpoint("llama")), str(tmp_path / "x"), "--rank", "4", "--energy", "0.9"])
     assert "not allowed with" in capsys.readouterr().err
+
+
+def test_compress_with_a_policy_file(tiny_checkpoint, tmp_path, capsys):
+    folder = tiny_checkpoint("llama")
+    ranks = {f"model.layers.{i}.self_attn.{p}": 8 for i in range(2) for p in ("q_proj", "o_proj")}
+    policy = {"hf_svdq_policy": 1, "setting": {"calibrated": False}, "ranks": ranks,
+              "dense": {f"model.layers.{i}.{p}": "policy: kept dense" for i in range(2)
+                        for p in ("self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+              | {"lm_head": "output embedding"}}
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(policy))
+    out = tmp_path / "out"
+    assert main(["compress", str(folder), str(out), "--policy", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layers_compressed"] == 4
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["ranks"] == ranks
+    assert main(["compress", str(folder), str(tmp_path / "x"), "--policy", str(path), "--skip", "*.q_proj"]) == 2
+    assert "--skip cannot be combined with --policy" in capsys.readouterr().err
+    assert main(["compress", str(folder), str(tmp_path / "y"), "--policy", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json' does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--mode", "whitened"], "--mode whitened needs --calibration FILE"),
+        (["--calibration", "SAME"], "never calibrate on the text you evaluate on"),
+        (["--prompts", "9"], "--prompts must be between 1 and 5"),
+    ],
+)
+def test_analyze_bad_input_is_a_clear_error(extra, message, tmp_path, capsys):
+    text = tmp_path / "eval.txt"
+    text.write_text("some text " * 50)
+    extra = [str(text) if e == "SAME" else e for e in extra]
+    assert main(["analyze", "unused-model", "--text", str(text), "--out", str(tmp_path / "o"), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert main(["analyze", "unused-model", "--text", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")]) == 2
+    assert "none.txt does not exist" in capsys.readouterr().err

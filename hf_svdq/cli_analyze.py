@@ -1,0 +1,112 @@
+"""``hf-svdq analyze``: sensitivity analysis of a model, written as report, pictures and policy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .real_model import SMOLLM2_ALIAS
+
+MODES = ("plain", "whitened", "residual")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("analyze", help="find sensitive / pillar layers and emit a compression policy")
+    p.add_argument("model", help=f"dense model folder, Hub id or {SMOLLM2_ALIAS}")
+    p.add_argument("--text", type=Path, required=True, help="UTF-8 text for the probes' perplexity and KL")
+    p.add_argument("--out", type=Path, required=True, help="folder for report.md/json, policy.json and the PNGs")
+    p.add_argument("--calibration", type=Path, help="UTF-8 text for activation statistics (use a different text)")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--mode", choices=MODES, help="setting to analyse (default: whitened with --calibration, else plain)")
+    setting = p.add_mutually_exclusive_group()
+    setting.add_argument("--rank", type=int, help="one rank for every layer")
+    setting.add_argument("--energy", type=float, help="per matrix, keep this share of squared singular values")
+    setting.add_argument("--target-param-ratio", type=float, help="share of parameters kept (default 0.8; low rank)")
+    setting.add_argument("--target-bpw", type=float, help="bits per weight (default 5.0 in residual mode)")
+    p.add_argument("--skip", nargs="*", default=[], metavar="PATTERN", help="module patterns never compressed")
+    p.add_argument("--residual-bits", type=int, choices=(4, 8), default=4, help="residual mode: base quantizer bits")
+    p.add_argument("--group-size", type=int, default=64)
+    goal = p.add_mutually_exclusive_group()
+    goal.add_argument("--budget", type=float, help="policy byte budget in bits per weight over the analysed layers "
+                                                   "(default: the bytes of the analysed setting)")
+    goal.add_argument("--max-ppl-ratio", type=float, help="policy quality floor: predicted perplexity ratio to dense")
+    p.add_argument("--group", choices=("layer", "block", "type"), default="layer", help="probe granularity")
+    p.add_argument("--probes", nargs="+", choices=("alone", "leave_one_out"), default=["alone", "leave_one_out"])
+    p.add_argument("--eval-tokens", type=int, default=1024)
+    p.add_argument("--prompts", type=int, default=3, help="how many of the default prompts to generate from")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+
+
+def _setting(args: argparse.Namespace) -> object:
+    from .calibration import CalibrationConfig
+    from .config import SVDQuantConfig
+
+    mode = args.mode or ("whitened" if args.calibration else "plain")
+    if mode == "whitened" and args.calibration is None:
+        raise ValueError("--mode whitened needs --calibration FILE")
+    if mode == "plain" and args.calibration is not None:
+        raise ValueError("--mode plain is data-free; drop --calibration or use --mode whitened")
+    if args.calibration is not None and not args.calibration.is_file():
+        raise FileNotFoundError(f"--calibration {args.calibration} does not exist")
+    calibration = None
+    if args.calibration is not None:
+        calibration = CalibrationConfig(file=str(args.calibration), n_samples=args.calib_samples, seq_len=args.calib_seq_len,
+                                        sequential=False)
+    policy: dict[str, object] = {}
+    if args.rank is not None:
+        policy["rank"] = args.rank
+    elif args.energy is not None:
+        policy["energy"] = args.energy
+    elif args.target_param_ratio is not None:
+        policy["target_param_ratio"] = args.target_param_ratio
+    elif args.target_bpw is not None:
+        policy["target_bits_per_weight"] = args.target_bpw
+    elif mode == "residual":
+        policy["target_bits_per_weight"] = 5.0
+    else:
+        policy["target_param_ratio"] = 0.8
+    residual = {"residual_bits": args.residual_bits, "group_size": args.group_size} if mode == "residual" else {}
+    return SVDQuantConfig(skip=args.skip, calibration=calibration, **policy, **residual)  # type: ignore[arg-type]
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .analyze import AnalysisSettings, analyze
+    from .evaluation import DEFAULT_PROMPTS
+    from .real_model import resolve_model_id
+
+    if not args.text.is_file():
+        raise FileNotFoundError(f"--text {args.text} does not exist")
+    if args.calibration is not None and args.calibration.resolve() == args.text.resolve():
+        raise ValueError("--calibration and --text are the same file: never calibrate on the text you evaluate on")
+    if not 1 <= args.prompts <= len(DEFAULT_PROMPTS):
+        raise ValueError(f"--prompts must be between 1 and {len(DEFAULT_PROMPTS)}, got {args.prompts}")
+    config = _setting(args)
+    settings = AnalysisSettings(
+        grouping=args.group, modes=tuple(args.probes), eval_tokens=args.eval_tokens, prompts=DEFAULT_PROMPTS[: args.prompts],
+        max_new_tokens=args.max_new_tokens, budget_bits_per_weight=args.budget, max_ppl_ratio=args.max_ppl_ratio,
+    )
+    source = resolve_model_id(args.model)
+    dtype = "auto" if args.dtype == "auto" else getattr(__import__("torch"), args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    start = time.perf_counter()
+    analysis = analyze(model, tokenizer, config, args.text.read_text(encoding="utf-8"), settings)  # type: ignore[arg-type]
+    analysis.timings["total_s"] = time.perf_counter() - start
+    analysis.info["text"] = str(args.text)
+    analysis.info["calibration_text"] = None if args.calibration is None else str(args.calibration)
+    paths = analysis.write(args.out, plots=not args.no_plots)
+    families = analysis.family_summary()
+    print(json.dumps({"families": families, "pillars": [g for g, (c, _) in analysis.classes.items() if c == "pillar"],
+                      "timings_s": analysis.timings, "files": {k: str(v) for k, v in paths.items()}}, indent=2))
+    if analysis.policy is None:
+        print(f"hf-svdq analyze: no policy written: {analysis.policy_error}", file=sys.stderr)
+        return 3
+    return 0
