@@ -146,7 +146,8 @@ class SVDQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """Adapters (PEFT LoRA, see :mod:`hf_svdq.lora`) train on top of the frozen compressed layers."""
+        return True
 
     @property
     def is_compileable(self) -> bool:
