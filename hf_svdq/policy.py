@@ -91,8 +91,8 @@ def classify(
         elif (leave_one_out and all_compressed is not None and all_compressed["loops"] > dense_loops
               and group in leave_one_out and leave_one_out[group]["loops"] <= dense_loops and gain >= gain_floor):
             restored = leave_one_out[group]["loops"]
-            verdict = ("pillar", f"restoring it alone removes the all-compressed model's loops ({all_compressed['loops']} -> "
-                                 f"{restored}) and lowers its KL by {gain:.2e}")
+            verdict = ("pillar", (f"restoring it alone removes the all-compressed model's loops ({all_compressed['loops']} -> "
+                                  f"{restored}) and lowers its KL by {gain:.2e}"))
         elif kl >= max(t.min_kl, t.pillar_kl * median):
             verdict = ("pillar", f"KL alone {kl:.2e} >= {t.pillar_kl:g} x median {median:.2e}")
         elif kl >= max(t.min_kl, t.sensitive_kl * median):
