@@ -83,27 +83,7 @@ def main() -> None:
             path, quantization_config=SVDQuantConfig(**kwargs)
         )
         seconds = time.perf_counter() - start
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
-            report = checkpoint_report(tmp)
-        quality = perplexity_and_agreement(model, pride, settings, None if kwargs is None else dense, progress=False)
-        emma_ppl = perplexity_and_agreement(model, emma, settings, None, progress=False)["perplexity"]
-        health = generation_health(model, tokenizer, settings_prompts()[: args.prompts], settings.max_new_tokens, progress=False)
-        row = {
-            "variant": name,
-            "bits_per_weight": report.bits_per_weight_compressed() if kwargs is not None else 32.0,
-            "checkpoint_bytes": report.total_bytes,
-            "ppl_pride": quality["perplexity"],
-            "ppl_ratio": quality.get("perplexity_ratio", 1.0),
-            "ppl_emma": emma_ppl,
-            "kl": quality.get("kl", 0.0),
-            "top1": quality.get("top1_agreement", 1.0),
-            "loops": health["loops"],
-            "prompts": len(health["samples"]),
-            "seconds": seconds if kwargs is not None else 0.0,
-            "ranks": None if kwargs is None else _rank_summary(model.config.quantization_config.ranks),
-            "samples": [s["text"] for s in health["samples"]],
-        }
+        row = measure(name, model, dense, tokenizer, pride, emma, settings, args.prompts, seconds)
         rows.append(row)
         print(_format_row(row), flush=True)
         if args.json:  # written after every row, so an interrupted run keeps what it measured
@@ -113,6 +93,33 @@ def main() -> None:
     dense_emma = rows[0]["ppl_emma"]
     print()
     print(_markdown(rows, dense_emma, args, calibration))
+
+
+def measure(name: str, model: Any, dense: Any, tokenizer: Any, pride: torch.Tensor, emma: torch.Tensor,
+            settings: EvalSettings, prompts: int, seconds: float) -> dict[str, Any]:
+    """One table row: bytes and bits of the saved checkpoint, perplexities, KL/top-1 vs dense, loops."""
+    is_dense = model is dense
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        report = checkpoint_report(tmp)
+    quality = perplexity_and_agreement(model, pride, settings, None if is_dense else dense, progress=False)
+    emma_ppl = perplexity_and_agreement(model, emma, settings, None, progress=False)["perplexity"]
+    health = generation_health(model, tokenizer, settings_prompts()[:prompts], settings.max_new_tokens, progress=False)
+    return {
+        "variant": name,
+        "bits_per_weight": report.bits_per_weight_compressed() if not is_dense else 32.0,
+        "checkpoint_bytes": report.total_bytes,
+        "ppl_pride": quality["perplexity"],
+        "ppl_ratio": quality.get("perplexity_ratio", 1.0),
+        "ppl_emma": emma_ppl,
+        "kl": quality.get("kl", 0.0),
+        "top1": quality.get("top1_agreement", 1.0),
+        "loops": health["loops"],
+        "prompts": len(health["samples"]),
+        "seconds": seconds if not is_dense else 0.0,
+        "ranks": None if is_dense else _rank_summary(model.config.quantization_config.ranks),
+        "samples": [s["text"] for s in health["samples"]],
+    }
 
 
 def settings_prompts() -> tuple[str, ...]:
