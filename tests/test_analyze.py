@@ -109,3 +109,19 @@ def test_bad_settings_are_clear_errors(fragile):
         analyze(model, CharTokenizer(), SVDQuantConfig(ranks={FRAGILE: 4}), TEXT, AnalysisSettings(), progress=False)
     with pytest.raises(ValueError, match="compresses no layer"):
         analyze(model, CharTokenizer(), SVDQuantConfig(rank=16, skip=["*"]), TEXT, AnalysisSettings(), progress=False)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neo", "gpt2"])
+def test_other_architectures(arch):
+    from .conftest import tiny_model
+
+    model = tiny_model(arch).eval()
+    settings = AnalysisSettings(grouping="block", eval_tokens=128, window=64, prompts=("hi",), max_new_tokens=4,
+                                budget_bits_per_weight=24.0)
+    analysis = analyze(model, CharTokenizer(), SVDQuantConfig(rank=8), TEXT, settings, progress=False)
+    assert set(analysis.groups) == {"block 0", "block 1"}
+    assert {r.block for r in analysis.rows} == {0, 1}
+    assert set(analysis.family_summary()) == {"mixed"}  # a block holds attention and MLP
+    kinds = {r.kind for r in analysis.rows}
+    assert ("attn.attention.q_proj" in kinds) if arch == "gpt_neo" else ("attn.c_attn" in kinds)
+    assert analysis.policy is not None and analysis.policy["predicted"]["bits_per_weight"] <= 24.0
