@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import cli_analyze
+from . import cli_analyze, cli_hub
 from .real_model import SMOLLM2_ALIAS
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dtype", choices=_DTYPES, default="auto")
     evaluate.add_argument("--json", type=Path, help="also write the full result as JSON here")
     cli_analyze.add_parser(sub)
+    cli_hub.add_parser(sub)
     return parser
 
 
@@ -123,6 +124,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
         tokenizer.save_pretrained(args.outdir)
     except (OSError, ValueError) as err:
         print(f"note: no tokenizer saved ({err})", file=sys.stderr)
+    from .hub import base_model_of
+    from .model_card import write_model_card
+
+    try:
+        write_model_card(args.outdir, args.outdir.name, base_model=base_model_of(source))
+    except ValueError as err:  # e.g. every layer stayed dense: no card to write
+        print(f"note: no model card written ({err})", file=sys.stderr)
     report = checkpoint_report(args.outdir)
     if args.json:
         print(json.dumps({"load_and_compress_seconds": seconds, **report.to_dict()}, indent=2))
@@ -189,7 +197,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"compress": cmd_compress, "inspect": cmd_inspect, "eval": cmd_eval, "analyze": cli_analyze.cmd_analyze}
+    handlers = {"compress": cmd_compress, "inspect": cmd_inspect, "eval": cmd_eval, "analyze": cli_analyze.cmd_analyze,
+                "push": cli_hub.cmd_push}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as err:

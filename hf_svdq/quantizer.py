@@ -114,7 +114,9 @@ class SVDQuantizer(HfQuantizer):
             decisions = compress_model(model, config, self._decisions, ids)
             config.ranks, config.dense = recorded_ranks(decisions), recorded_dense(decisions)
             log_plan(decisions)
+            _attach_hub(model)
             return
+        _attach_hub(model)
         for name, module in model.named_modules():
             if not isinstance(module, COMPRESSED_LAYERS):
                 continue
@@ -273,3 +275,12 @@ def _register_on_import() -> None:
 
 
 _register_on_import()
+
+
+def _attach_hub(model: nn.Module) -> None:
+    """Give the model hf_svdq's ``push_to_hub`` (card, tokenizer, one atomic commit; see :mod:`hf_svdq.hub`)."""
+    from types import MethodType
+
+    from .hub import model_push_to_hub
+
+    model.push_to_hub = MethodType(model_push_to_hub, model)  # type: ignore[method-assign]

