@@ -115,3 +115,12 @@ def fragile_llama() -> torch.nn.Module:
         fragile = model.model.layers[1].self_attn.v_proj.weight
         fragile.copy_(torch.randn(fragile.shape, generator=generator) * 3 / fragile.shape[1] ** 0.5)
     return model
+
+
+@pytest.fixture
+def hub_server(tmp_path: Path):
+    """A started local server speaking the Hub's HTTP protocol (``tests/hub_server.py``), stopped after the test."""
+    from .hub_server import HubServer
+
+    with HubServer(tmp_path / "hub") as server:
+        yield server
