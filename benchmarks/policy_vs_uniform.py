@@ -5,7 +5,7 @@ dense; the policy; one rank for every analysed layer, the largest whose bytes do
 the spectral budget (``target_bits_per_weight``/``target_param_ratio`` allocation by truncation loss)
 at the policy's bytes. "bits/weight (analysed)" counts every analysed layer, dense ones included.
 
-    python benchmarks/policy_vs_uniform.py --policy OUT/policy.json [--eval-tokens 4096] [--json out.json]
+    python benchmarks/policy_vs_uniform.py --policy OUT/policy.json [OUT2/policy.json ...] [--eval-tokens 4096] [--json out.json]
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def uniform_rank(specs: list[LinearSpec], budget: int, config: SVDQuantConfig, e
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--policy", type=Path, required=True)
+    parser.add_argument("--policy", type=Path, nargs="+", required=True,
+                        help="policy.json file(s) of the same model and setting; baselines use the first one's bytes")
     parser.add_argument("--text-dir", type=Path, default=DEFAULT_TEXT)
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-seq-len", type=int, default=256)
@@ -66,7 +67,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    doc = load_policy(args.policy)
+    docs = [load_policy(p) for p in args.policy]
+    doc = docs[0]
     path = smollm2_checkpoint()
     tokenizer = AutoTokenizer.from_pretrained(path)
     calibration = None
@@ -94,7 +96,8 @@ def main() -> None:
     skip = [n for n in doc["dense"] if n not in analysed]  # never-analysed layers stay out of every row
     configs: dict[str, SVDQuantConfig | None] = {
         "dense": None,
-        "policy (hf-svdq analyze)": SVDQuantConfig.from_policy(doc, calibration),
+        **{f"policy, pillars {d['criterion'].get('pillars', 'dense')} ({p.parent.name})": SVDQuantConfig.from_policy(d, calibration)
+           for d, p in zip(docs, args.policy)},
         f"uniform rank {r}": SVDQuantConfig(rank=r, skip=skip, **setting, calibration=calibration),
         "spectral budget": SVDQuantConfig(target_bits_per_weight=8 * budget / numbers, rank_floor=8, skip=skip, **setting,
                                           calibration=calibration),
@@ -110,7 +113,7 @@ def main() -> None:
         rows.append(row)
         print(_format_row(row), f"analysed {row['bits_per_weight_analysed']:.2f} bpw", flush=True)
         if args.json:
-            args.json.write_text(json.dumps({"rows": rows, "policy": str(args.policy)}, indent=2))
+            args.json.write_text(json.dumps({"rows": rows, "policies": [str(p) for p in args.policy]}, indent=2))
     dense_emma = rows[0]["ppl_emma"]
     print("\n| variant | bits/weight (analysed layers) | checkpoint MB | PPL pride | x dense | PPL emma | x dense | KL | top-1 | loops |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -22,26 +22,38 @@ _LAZY = {
     "register": ".registration",
     "smollm2_checkpoint": ".real_model",
     "evaluate": ".evaluation",
+    "analyze": ".analyze",
+    "AnalysisSettings": ".analyze",
+    "push_checkpoint": ".hub",
+    "build_model_card": ".model_card",
 }
 
 __all__ = [
     "FORMAT_VERSION",
     "QUANT_METHOD",
+    "AnalysisSettings",
     "CalibrationConfig",
     "SVDQLinear",
     "SVDQResidualLinear",
     "SVDQuantConfig",
     "SVDQuantizer",
     "__version__",
+    "analyze",
+    "build_model_card",
     "evaluate",
+    "push_checkpoint",
     "register",
     "smollm2_checkpoint",
 ]
 
 if TYPE_CHECKING:
+    from .analyze import AnalysisSettings as AnalysisSettings
+    from .analyze import analyze as analyze
     from .calibration import CalibrationConfig as CalibrationConfig
     from .config import SVDQuantConfig as SVDQuantConfig
     from .evaluation import evaluate as evaluate
+    from .hub import push_checkpoint as push_checkpoint
+    from .model_card import build_model_card as build_model_card
     from .modules import SVDQLinear as SVDQLinear
     from .quantizer import SVDQuantizer as SVDQuantizer
     from .real_model import smollm2_checkpoint as smollm2_checkpoint

@@ -54,7 +54,7 @@ def markdown_report(analysis: Analysis, files: Mapping[str, str]) -> str:
     if policy is None:
         lines += ["", "## Policy", "", f"No policy: {analysis.policy_error}", "", "## Per layer", "", *_HEADER]
         return "\n".join(lines + _layer_rows(analysis, {})) + "\n"
-    criterion = ", ".join(f"{k} = {v:g}" for k, v in policy["criterion"].items())
+    criterion = ", ".join(f"{k} = {v:g}" if isinstance(v, (int, float)) else f"{k} = {v}" for k, v in policy["criterion"].items())
     predicted = policy["predicted"]
     lines += [
         "", "## Policy", "",

@@ -46,6 +46,7 @@ class AnalysisSettings:
     budget_bits_per_weight: float | None = None
     max_ppl_ratio: float | None = None
     rank_step: int = 8
+    pillars: str = "dense"
 
     def __post_init__(self) -> None:
         if self.grouping not in GROUPINGS:
@@ -57,6 +58,8 @@ class AnalysisSettings:
             raise ValueError("eval_tokens must be >= 2, max_new_tokens and rank_step >= 1")
         if self.budget_bits_per_weight is not None and self.max_ppl_ratio is not None:
             raise ValueError("give budget_bits_per_weight or max_ppl_ratio, not both")
+        if self.pillars not in ("dense", "protect"):
+            raise ValueError(f"pillars must be 'dense' or 'protect', got {self.pillars!r}")
 
 
 @dataclass
@@ -124,11 +127,27 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
             "model_type": getattr(cfg, "model_type", None)}
 
 
+def _reused_probes(report: dict[str, Any], config: SVDQuantConfig, groups: dict[str, list[str]],
+                   settings: AnalysisSettings) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Probe measures of an earlier ``report.json``, after checking it analysed this setting and these groups."""
+    if report.get("info", {}).get("setting") != config.to_dict():
+        raise ValueError("the reused report analysed another setting; give the same mode/rank/calibration flags")
+    if report.get("groups") != groups:
+        raise ValueError("the reused report has other probe groups (another model, grouping or setting)")
+    missing = [m for m in settings.modes if m not in report.get("probes", {})]
+    if missing:
+        raise ValueError(f"the reused report has no {missing} probes")
+    return {m: report["probes"][m] for m in settings.modes}, report["dense"], report["all_compressed"]
+
+
 def analyze(
     model: nn.Module, tokenizer: Any, config: SVDQuantConfig, text: str, settings: AnalysisSettings | None = None,
-    progress: bool = True,
+    progress: bool = True, reuse: dict[str, Any] | None = None,
 ) -> Analysis:
-    """Run the whole analysis on a dense ``model`` (left dense afterwards)."""
+    """Run the whole analysis on a dense ``model`` (left dense afterwards).
+
+    ``reuse``: an earlier ``report.json`` of the same model and setting; its probe measures are taken
+    instead of probing again (isolation is redone, in about a minute), e.g. for another budget."""
     settings = settings or AnalysisSettings()
     if config.ranks is not None:
         raise ValueError("the analysis setting must be a rank policy (rank, energy or a budget), not resolved ranks")
@@ -148,19 +167,25 @@ def analyze(
     timings["isolation_s"] = time.perf_counter() - start
     logger.info("hf_svdq analysis: per-layer isolation\n%s", format_isolation(rows))
 
-    start = time.perf_counter()
-    eval_ids = tokenize_text(tokenizer, text, settings.eval_tokens)
-    prober = Prober(model, tokenizer, eval_ids, settings.prompts, settings.max_new_tokens, settings.window)
     groups = group_layers(rows, settings.grouping)
-    estimate = estimate_seconds(prober, groups, settings.modes)
-    logger.warning("hf_svdq analysis: %d probe(s) of %d group(s), about %.0f s (%.1f s per probe)",
-                   len(groups) * len(settings.modes) + 1, len(groups), estimate, prober.seconds_per_probe)
-    results = run_probes(model, prober, modules, groups, settings.modes, progress)
+    start = time.perf_counter()
+    if reuse is not None:
+        probes, dense_measures, all_measures = _reused_probes(reuse, config, groups, settings)
+        eval_tokens = int(reuse["info"]["eval_tokens"])
+    else:
+        eval_ids = tokenize_text(tokenizer, text, settings.eval_tokens)
+        prober = Prober(model, tokenizer, eval_ids, settings.prompts, settings.max_new_tokens, settings.window)
+        estimate = estimate_seconds(prober, groups, settings.modes)
+        logger.warning("hf_svdq analysis: %d probe(s) of %d group(s), about %.0f s (%.1f s per probe)",
+                       len(groups) * len(settings.modes) + 1, len(groups), estimate, prober.seconds_per_probe)
+        results = run_probes(model, prober, modules, groups, settings.modes, progress)
+        timings["probe_estimate_s"] = estimate
+        probes = {mode: {g: r.to_dict() for g, r in results[mode].items()} for mode in settings.modes}
+        dense_measures, all_measures = prober.dense.to_dict(), results["all"].to_dict()
+        eval_tokens = int(eval_ids.shape[1])
     timings["probes_s"] = time.perf_counter() - start
-    timings["probe_estimate_s"] = estimate
 
-    probes = {mode: {g: r.to_dict() for g, r in results[mode].items()} for mode in settings.modes}
-    classes = classify(probes["alone"], prober.dense.loops, probes.get("leave_one_out"), results["all"].to_dict(),
+    classes = classify(probes["alone"], int(dense_measures["loops"]), probes.get("leave_one_out"), all_measures,
                        settings.thresholds)
     budget = settings.budget_bits_per_weight
     if budget is None and settings.max_ppl_ratio is None:
@@ -172,6 +197,7 @@ def analyze(
         policy = build_policy(
             rows, spectra, groups, {g: m["kl"] for g, m in probes["alone"].items()}, classes, config, all_layers,
             next(model.parameters()).element_size(), budget, settings.max_ppl_ratio, settings.rank_step, _model_info(model),
+            pillars=settings.pillars,
         )
         policy["thresholds"] = thresholds_dict(settings.thresholds)
     except ValueError as err:  # keep the measurements: the report still gets written, without a policy
@@ -180,10 +206,9 @@ def analyze(
     else:
         policy_error = None
     info = {**_model_info(model), "setting": config.to_dict(), "grouping": settings.grouping, "modes": list(settings.modes),
-            "eval_tokens": int(eval_ids.shape[1]), "prompts": list(settings.prompts),
+            "eval_tokens": eval_tokens, "prompts": list(settings.prompts), "probes_reused": reuse is not None,
             "max_new_tokens": settings.max_new_tokens, "thresholds": thresholds_dict(settings.thresholds)}
-    return Analysis(rows, groups, prober.dense.to_dict(), results["all"].to_dict(), probes, classes, policy, timings, info,
-                    policy_error)
+    return Analysis(rows, groups, dense_measures, all_measures, probes, classes, policy, timings, info, policy_error)
 
 
 def pillars(analysis: Analysis) -> Sequence[str]:

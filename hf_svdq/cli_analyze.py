@@ -34,6 +34,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     goal.add_argument("--budget", type=float, help="policy byte budget in bits per weight over the analysed layers "
                                                    "(default: the bytes of the analysed setting)")
     goal.add_argument("--max-ppl-ratio", type=float, help="policy quality floor: predicted perplexity ratio to dense")
+    p.add_argument("--pillars", choices=("dense", "protect"), default="dense",
+                   help="policy: keep pillars dense (default) or let the budget choose their ranks at 10x cost")
+    p.add_argument("--reuse-probes", type=Path, metavar="DIR",
+                   help="take the probe measures from DIR/report.json of an earlier run (same model and flags)")
     p.add_argument("--group", choices=("layer", "block", "type"), default="layer", help="probe granularity")
     p.add_argument("--probes", nargs="+", choices=("alone", "leave_one_out"), default=["alone", "leave_one_out"])
     p.add_argument("--eval-tokens", type=int, default=1024)
@@ -92,13 +96,20 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     settings = AnalysisSettings(
         grouping=args.group, modes=tuple(args.probes), eval_tokens=args.eval_tokens, prompts=DEFAULT_PROMPTS[: args.prompts],
         max_new_tokens=args.max_new_tokens, budget_bits_per_weight=args.budget, max_ppl_ratio=args.max_ppl_ratio,
+        pillars=args.pillars,
     )
+    reuse = None
+    if args.reuse_probes is not None:
+        report = args.reuse_probes / "report.json"
+        if not report.is_file():
+            raise FileNotFoundError(f"--reuse-probes: {report} does not exist")
+        reuse = json.loads(report.read_text(encoding="utf-8"))
     source = resolve_model_id(args.model)
     dtype = "auto" if args.dtype == "auto" else getattr(__import__("torch"), args.dtype)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
     start = time.perf_counter()
-    analysis = analyze(model, tokenizer, config, args.text.read_text(encoding="utf-8"), settings)  # type: ignore[arg-type]
+    analysis = analyze(model, tokenizer, config, args.text.read_text(encoding="utf-8"), settings, reuse=reuse)  # type: ignore[arg-type]
     analysis.timings["total_s"] = time.perf_counter() - start
     analysis.info["text"] = str(args.text)
     analysis.info["calibration_text"] = None if args.calibration is None else str(args.calibration)

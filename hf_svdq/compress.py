@@ -105,15 +105,18 @@ def truncation_spectrum(weight: torch.Tensor, config: SVDQuantConfig, gram: torc
 
 
 def budget_ranks(model: nn.Module, targets: Sequence[LayerDecision], config: SVDQuantConfig,
-                  grams: dict[str, torch.Tensor]) -> dict[str, int]:
+                 grams: dict[str, torch.Tensor], spectra: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
     """Ranks of ``targets`` under the config's global budget (``target_bits_per_weight`` or
-    ``target_param_ratio``), allocated by measured truncation loss."""
-    spectra, specs = {}, {}
+    ``target_param_ratio``), allocated by measured truncation loss. ``spectra`` (name ->
+    :func:`truncation_spectrum`) is used where given and filled in where missing."""
+    spectra = {} if spectra is None else spectra
+    specs = {}
     scale_bytes = 4
     for d in targets:
         weight, _ = dense_weight_of(model.get_submodule(d.spec.name))
         scale_bytes = weight.element_size()
-        spectra[d.spec.name] = truncation_spectrum(weight, config, grams.get(d.spec.name))
+        if d.spec.name not in spectra:
+            spectra[d.spec.name] = truncation_spectrum(weight, config, grams.get(d.spec.name))
         specs[d.spec.name] = d.spec
     numbers = sum(s.out_features * s.in_features for s in specs.values())
     if config.target_param_ratio is not None:

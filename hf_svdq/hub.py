@@ -20,8 +20,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from . import format as fmt
 from .model_card import HEATMAP, build_model_card, is_generated
-from .report import checkpoint_report
 from .real_model import SMOLLM2_HUB_ID, is_smollm2_checkpoint
+from .report import checkpoint_report
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "chat_template.jinja")

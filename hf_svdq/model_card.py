@@ -85,8 +85,8 @@ def _settings(qconfig: Mapping[str, Any]) -> list[tuple[str, str]]:
     rows = [(k, f"`{json.dumps(relevant[k])}`") for k in keep if relevant.get(k) not in (None, [], {}, 0)]
     calibration = qconfig.get("calibration")
     if calibration:
-        rows.append(("calibration", f"{calibration.get('n_samples')} x {calibration.get('seq_len')} tokens of "
-                                    f"{calibration.get('source')} (sha256 {str(calibration.get('sha256'))[:12]}...)"))
+        source = f"{calibration.get('source')} (sha256 {str(calibration.get('sha256'))[:12]}...)"
+        rows.append(("calibration", f"{calibration.get('n_samples')} x {calibration.get('seq_len')} tokens of {source}"))
     return rows
 
 

@@ -131,8 +131,15 @@ def build_policy(
     max_ppl_ratio: float | None = None,
     step: int = 8,
     model_info: Mapping[str, Any] | None = None,
+    pillars: str = "dense",
+    pillar_weight: float = 10.0,
 ) -> dict[str, Any]:
     """The policy document: per-layer ranks and dense layers for a budget or a quality floor.
+
+    ``pillars="dense"`` keeps every pillar dense (the study's skip policy); ``"protect"`` lets the
+    allocator choose their ranks too, with their predicted cost multiplied by ``pillar_weight``
+    (cheaper when a dense layer costs many compressed ones, e.g. in float32). ``predicted["kl"]`` is
+    the allocator's objective, pillar weights included.
 
     ``all_layers`` maps every Linear of the model not analysed (head, skipped, ...) to why it stays
     dense; with the analysed layers it must cover the whole model, which is how a policy is
@@ -140,6 +147,8 @@ def build_policy(
     """
     if (budget_bits_per_weight is None) == (max_ppl_ratio is None):
         raise ValueError("give exactly one of budget_bits_per_weight and max_ppl_ratio")
+    if pillars not in ("dense", "protect"):
+        raise ValueError(f"pillars must be 'dense' or 'protect', got {pillars!r}")
     if budget_bits_per_weight is not None and budget_bits_per_weight <= 0:
         raise ValueError(f"budget_bits_per_weight must be positive, got {budget_bits_per_weight}")
     if max_ppl_ratio is not None and max_ppl_ratio <= 1:
@@ -155,10 +164,12 @@ def build_policy(
     options = {}
     for r in rows:
         spec = LinearSpec(r.name, r.out_features, r.in_features, False)
-        if layer_class.get(r.name) == "pillar" or r.name not in weights:
+        pillar = layer_class.get(r.name) == "pillar"
+        if (pillar and pillars == "dense") or r.name not in weights:
             options[r.name] = [(None, float(r.dense_bytes), 0.0)]
         else:
-            options[r.name] = _options(spec, spectra[r.name], weights[r.name], config, element_bytes, step)
+            weight = weights[r.name] * (pillar_weight if pillar else 1.0)
+            options[r.name] = _options(spec, spectra[r.name], weight, config, element_bytes, step)
     numbers = sum(r.out_features * r.in_features for r in rows)
     if budget_bits_per_weight is not None:
         try:
@@ -187,7 +198,7 @@ def build_policy(
         POLICY_KEY: POLICY_VERSION,
         "model": dict(model_info or {}),
         "setting": setting,
-        "criterion": criterion,
+        "criterion": {**criterion, "pillars": pillars},
         "classes": {n: {"class": layer_class.get(n, "robust"), "group": group_of.get(n)} for n in by_name},
         "ranks": ranks,
         "dense": dense,

@@ -115,9 +115,10 @@ def isolate_layers(
     if not targets:
         raise ValueError("the analysis setting compresses no layer of this model (check skip patterns and rank)")
     fixed: dict[str, int | None] = {d.spec.name: (d.rank if d.rank >= 0 else None) for d in targets}
+    spectra: dict[str, torch.Tensor] = {}
     if config.target_bits_per_weight is not None or config.target_param_ratio is not None:
-        fixed.update(budget_ranks(model, targets, config, grams))
-    rows, modules, spectra = [], {}, {}
+        fixed.update(budget_ranks(model, targets, config, grams, spectra))
+    rows, modules = [], {}
     for d in tqdm(targets, desc="isolating layers", disable=not progress):
         spec: LinearSpec = d.spec
         module = model.get_submodule(spec.name)
@@ -135,7 +136,8 @@ def isolate_layers(
         ))
         if new is not None:
             modules[spec.name] = new
-        spectra[spec.name] = truncation_spectrum(weight, config, gram)
+        if spec.name not in spectra:
+            spectra[spec.name] = truncation_spectrum(weight, config, gram)
     return rows, modules, spectra
 
 

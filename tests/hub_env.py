@@ -9,7 +9,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
+import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .hub_server import HubServer
 
 LOGITS = """
 import sys, torch
@@ -49,3 +55,27 @@ def logits_in_fresh_process(model_id: str, env: dict[str, str], out: Path, **kwa
 
     result = run_python(LOGITS, env, model_id, str(out), repr(kwargs))
     return torch.load(out), result.stdout.strip().splitlines()[-1]
+
+
+def client_env(server: HubServer, *, token: str | None = "hf_test_token", hf_home: str | Path | None = None,
+               env_extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a client process using ``server``: a fresh ``HF_HOME`` unless given, no token if None."""
+    dropped = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+               "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_XET_CACHE", "HF_HUB_ENABLE_HF_TRANSFER")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    home = hf_home if hf_home is not None else tempfile.mkdtemp(prefix="hf_home-", dir=server.root / "clients")
+    env.update({"HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(home),
+                "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                "TOKENIZERS_PARALLELISM": "false"})
+    if token is not None:
+        env["HF_TOKEN"] = token
+    return {**env, **(env_extra or {})}
+
+
+def run_client(server: HubServer, code: str, env_extra: dict[str, str] | None = None, *,
+               token: str | None = "hf_test_token", hf_home: str | Path | None = None,
+               timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` (dedented) in a fresh ``python -c`` whose Hub client talks to ``server``; output captured."""
+    env = client_env(server, token=token, hf_home=hf_home, env_extra=env_extra)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)

@@ -14,141 +14,35 @@ import hashlib
 import json
 import os
 import re
-import subprocess
-import sys
 import tempfile
-import textwrap
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from .hub_protocol import (
+    GITATTRIBUTES,
+    LFS_SUFFIXES,
+    ROUTES,
+    TYPE_PREFIX,
+    USER,
+    Commit,
+    FileEntry,
+    HubError,
+    LoggedRequest,
+    Reply,
+    Repo,
+    _json,
+    _now,
+    git_sha1,
+    lfs_pointer,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
-
-LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx", ".h5", ".msgpack", ".npy", ".npz")
-TYPE_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
-USER = "user"  # namespace of ``create_repo`` calls without an organization
-GITATTRIBUTES = b"".join(b"*%s filter=lfs diff=lfs merge=lfs -text\n" % s.encode() for s in LFS_SUFFIXES)
-
-
-def git_sha1(data: bytes) -> str:
-    """Git blob id of ``data`` (what ``git hash-object`` prints)."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def lfs_pointer(sha256: str, size: int) -> bytes:
-    """The git-lfs pointer file that git stores in place of an LFS file."""
-    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
-
-
-class HubError(Exception):
-    """Answered as HTTP ``status`` with ``{"error": message}``, ``X-Error-Message`` and maybe ``X-Error-Code``."""
-
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.headers = status, message, code, headers or {}
-
-
-class LoggedRequest(NamedTuple):
-    """One served request: method, unquoted URL path (no query) and the status answered."""
-
-    method: str
-    path: str
-    status: int
-
-
-class Reply(NamedTuple):
-    """An endpoint's answer: ``bytes`` are sent as they are, anything else as JSON."""
-
-    status: int
-    body: Any
-    headers: dict[str, str] | None = None
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """A file of a commit; its bytes are in ``root/objects/<sha256>``."""
-
-    size: int
-    sha256: str
-    git_oid: str  # git blob id of the content (regular file) or of the LFS pointer (LFS file)
-    lfs: bool
-
-
-@dataclass(frozen=True)
-class Commit:
-    """An immutable snapshot: the full file map, metadata and the parent commit id."""
-
-    id: str
-    title: str
-    message: str
-    date: str
-    parent: str | None
-    files: dict[str, FileEntry]
-
-
-@dataclass
-class Repo:
-    """A repository: every commit by id, and branch -> head commit id (PRs are branches ``refs/pr/N``)."""
-
-    repo_type: str
-    repo_id: str
-    private: bool
-    commits: dict[str, Commit] = field(default_factory=dict)
-    branches: dict[str, str] = field(default_factory=dict)
-
-    def resolve(self, revision: str) -> Commit:
-        """The commit of a branch name or full commit sha (404 ``RevisionNotFound`` otherwise)."""
-        commit_id = self.branches.get(revision, revision)
-        if commit_id not in self.commits:
-            raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-        return self.commits[commit_id]
-
-    def history(self, commit: Commit) -> list[Commit]:
-        """``commit`` and its ancestors, newest first."""
-        chain = [commit]
-        while chain[-1].parent is not None:
-            chain.append(self.commits[chain[-1].parent])
-        return chain
-
-
-_API = r"/api/(?P<type>model|dataset|space)s/(?P<repo>[^/]+/[^/]+)"
-_WEB = r"/(?:(?P<type>dataset|space)s/)?(?P<repo>[^/]+/[^/]+?)"
-# (methods, full-match pattern on the raw URL path, HubServer method, needs an Authorization header)
-ROUTES = [(methods, re.compile(pattern), name, auth) for methods, pattern, name, auth in [
-    ("POST", r"/api/repos/create", "ep_create_repo", True),
-    ("POST", r"/api/validate-yaml", "ep_validate_yaml", False),
-    ("GET", _API + r"(?:/revision/(?P<rev>[^/]+))?", "ep_repo_info", False),
-    ("GET", _API + r"/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?", "ep_tree", False),
-    ("GET", _API + r"/commits/(?P<rev>[^/]+)", "ep_commits", False),
-    ("POST", _API + r"/preupload/(?P<rev>[^/]+)", "ep_preupload", True),
-    ("POST", _API + r"/commit/(?P<rev>[^/]+)", "ep_commit", True),
-    ("POST", _API + r"/branch/(?P<rev>[^/]+)", "ep_create_branch", True),
-    ("POST", _WEB + r"\.git/info/lfs/objects/batch", "ep_lfs_batch", True),
-    ("GET HEAD", _WEB + r"/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "ep_resolve", False),
-    # the "presigned" upload URLs handed out by the batch endpoint: the client sends no token there
-    ("PUT", r"/_lfs/upload/(?P<oid>[0-9a-f]{64})", "ep_lfs_upload", False),
-    ("PUT", r"/_lfs/part/(?P<oid>[0-9a-f]{64})/(?P<part>\d+)", "ep_lfs_part", False),
-    ("POST", r"/_lfs/complete/(?P<oid>[0-9a-f]{64})", "ep_lfs_complete", False),
-    ("POST", r"/_lfs/verify/(?P<oid>[0-9a-f]{64})", "ep_lfs_verify", False),
-]]
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
-
-
-def _json(body: bytes) -> Any:
-    try:
-        return json.loads(body or b"{}")
-    except ValueError:
-        raise HubError(400, "invalid JSON body") from None
-
 
 class HubServer:
     """Fake Hub on ``127.0.0.1:<free port>``: a context manager, or call ``start()`` / ``stop()``.
@@ -543,27 +437,3 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(reply)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-
-
-def client_env(server: HubServer, *, token: str | None = "hf_test_token", hf_home: str | Path | None = None,
-               env_extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a client process using ``server``: a fresh ``HF_HOME`` unless given, no token if None."""
-    dropped = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-               "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_XET_CACHE", "HF_HUB_ENABLE_HF_TRANSFER")
-    env = {k: v for k, v in os.environ.items() if k not in dropped}
-    home = hf_home if hf_home is not None else tempfile.mkdtemp(prefix="hf_home-", dir=server.root / "clients")
-    env.update({"HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(home),
-                "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                "TOKENIZERS_PARALLELISM": "false"})
-    if token is not None:
-        env["HF_TOKEN"] = token
-    return {**env, **(env_extra or {})}
-
-
-def run_client(server: HubServer, code: str, env_extra: dict[str, str] | None = None, *,
-               token: str | None = "hf_test_token", hf_home: str | Path | None = None,
-               timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` (dedented) in a fresh ``python -c`` whose Hub client talks to ``server``; output captured."""
-    env = client_env(server, token=token, hf_home=hf_home, env_extra=env_extra)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)

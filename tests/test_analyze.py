@@ -125,3 +125,16 @@ def test_other_architectures(arch):
     kinds = {r.kind for r in analysis.rows}
     assert ("attn.attention.q_proj" in kinds) if arch == "gpt_neo" else ("attn.c_attn" in kinds)
     assert analysis.policy is not None and analysis.policy["predicted"]["bits_per_weight"] <= 24.0
+
+
+def test_reused_probes_give_the_same_classes_and_a_protect_policy(fragile):
+    _, model, analysis = fragile
+    report = json.loads(json.dumps(analysis.to_dict()))
+    settings = AnalysisSettings(eval_tokens=256, window=128, prompts=("hello there", "once upon a time"), max_new_tokens=12,
+                                budget_bits_per_weight=12.0, pillars="protect")
+    again = analyze(model, CharTokenizer(), SVDQuantConfig(rank=16, rank_floor=4), TEXT, settings, progress=False, reuse=report)
+    assert again.classes == analysis.classes and again.info["probes_reused"]
+    assert again.policy["criterion"]["pillars"] == "protect"
+    assert again.policy["predicted"]["bits_per_weight"] <= 12.0 + 1e-9
+    with pytest.raises(ValueError, match="another setting"):
+        analyze(model, CharTokenizer(), SVDQuantConfig(rank=12, rank_floor=4), TEXT, settings, progress=False, reuse=report)

@@ -15,8 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_svdq import SVDQuantConfig
 
-from .hub_env import LOGITS
-from .hub_server import client_env, run_client
+from .hub_env import LOGITS, client_env
 from .olah_mirror import add_git_repo, olah_cli, olah_mirror
 
 PUSH = """

@@ -11,9 +11,8 @@ import random
 import subprocess
 from pathlib import Path
 
-import pytest
-
-from .hub_server import HubServer, run_client
+from .hub_env import run_client
+from .hub_server import HubServer
 
 REPO = "user/r1"
 
