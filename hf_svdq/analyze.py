@@ -46,7 +46,7 @@ class AnalysisSettings:
     budget_bits_per_weight: float | None = None
     max_ppl_ratio: float | None = None
     rank_step: int = 8
-    pillars: str = "dense"
+    pillars: str = "protect"
 
     def __post_init__(self) -> None:
         if self.grouping not in GROUPINGS:

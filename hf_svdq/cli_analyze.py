@@ -34,8 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     goal.add_argument("--budget", type=float, help="policy byte budget in bits per weight over the analysed layers "
                                                    "(default: the bytes of the analysed setting)")
     goal.add_argument("--max-ppl-ratio", type=float, help="policy quality floor: predicted perplexity ratio to dense")
-    p.add_argument("--pillars", choices=("dense", "protect"), default="dense",
-                   help="policy: keep pillars dense (default) or let the budget choose their ranks at 10x cost")
+    p.add_argument("--pillars", choices=("dense", "protect"), default="protect",
+                   help="policy: let the budget choose pillar ranks at 10x cost (default), or keep pillars dense (the study's skip policy)")
     p.add_argument("--reuse-probes", type=Path, metavar="DIR",
                    help="take the probe measures from DIR/report.json of an earlier run (same model and flags)")
     p.add_argument("--group", choices=("layer", "block", "type"), default="layer", help="probe granularity")

@@ -104,11 +104,14 @@ def classify(
 
 
 def _options(spec: LinearSpec, spectrum: torch.Tensor, weight: float, config: SVDQuantConfig, element_bytes: int,
-             step: int) -> list[tuple[object, float, float]]:
+             step: int, measured_rank: int | None = None, rank_range: float | None = None) -> list[tuple[object, float, float]]:
     dense = spec.out_features * spec.in_features * element_bytes
     tail = tail_loss(spectrum)
     limit = min(len(spectrum), spec.out_features, spec.in_features - (0 if config.residual_bits else 1))
     low = 0 if config.residual_bits else max(1, min(config.rank_floor, limit))
+    if rank_range is not None and measured_rank is not None:  # trust region around the measured rank
+        low = max(low, int(measured_rank / rank_range))
+        limit = min(limit, max(int(measured_rank * rank_range), low))
     ranks = sorted({*range(low, limit + 1, step), limit} if limit >= low else set())
     options: list[tuple[object, float, float]] = [(None, float(dense), 0.0)]
     for r in ranks:
@@ -133,13 +136,17 @@ def build_policy(
     model_info: Mapping[str, Any] | None = None,
     pillars: str = "dense",
     pillar_weight: float = 10.0,
+    rank_range: float | None = 2.0,
 ) -> dict[str, Any]:
     """The policy document: per-layer ranks and dense layers for a budget or a quality floor.
 
     ``pillars="dense"`` keeps every pillar dense (the study's skip policy); ``"protect"`` lets the
     allocator choose their ranks too, with their predicted cost multiplied by ``pillar_weight``
     (cheaper when a dense layer costs many compressed ones, e.g. in float32). ``predicted["kl"]`` is
-    the allocator's objective, pillar weights included.
+    the allocator's objective, pillar weights included. ``rank_range``: each layer's rank stays within
+    this factor of the rank its sensitivity was measured at (the first-order cost model is only
+    trusted near that point; measured on SmolLM2, unbounded extrapolation to rank 8 lost badly);
+    None lifts the bound.
 
     ``all_layers`` maps every Linear of the model not analysed (head, skipped, ...) to why it stays
     dense; with the analysed layers it must cover the whole model, which is how a policy is
@@ -169,7 +176,7 @@ def build_policy(
             options[r.name] = [(None, float(r.dense_bytes), 0.0)]
         else:
             weight = weights[r.name] * (pillar_weight if pillar else 1.0)
-            options[r.name] = _options(spec, spectra[r.name], weight, config, element_bytes, step)
+            options[r.name] = _options(spec, spectra[r.name], weight, config, element_bytes, step, r.rank, rank_range)
     numbers = sum(r.out_features * r.in_features for r in rows)
     if budget_bits_per_weight is not None:
         try:
@@ -198,7 +205,7 @@ def build_policy(
         POLICY_KEY: POLICY_VERSION,
         "model": dict(model_info or {}),
         "setting": setting,
-        "criterion": {**criterion, "pillars": pillars},
+        "criterion": {**criterion, "pillars": pillars, "rank_range": rank_range},
         "classes": {n: {"class": layer_class.get(n, "robust"), "group": group_of.get(n)} for n in by_name},
         "ranks": ranks,
         "dense": dense,

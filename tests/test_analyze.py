@@ -23,7 +23,7 @@ def fragile(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fragile")
     model.save_pretrained(folder)
     settings = AnalysisSettings(eval_tokens=256, window=128, prompts=("hello there", "once upon a time"), max_new_tokens=12,
-                                budget_bits_per_weight=12.0)
+                                budget_bits_per_weight=12.0, pillars="dense")
     analysis = analyze(model, CharTokenizer(), SVDQuantConfig(rank=16, rank_floor=4), TEXT, settings, progress=False)
     return folder, model, analysis
 
