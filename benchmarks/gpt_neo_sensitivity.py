@@ -5,7 +5,7 @@ trains a small GPT-Neo (4 blocks, hidden 256, alternating global/local attention
 SmolLM2's tokenizer) from scratch on sensesensibility.txt + mansfieldpark.txt for a few minutes on
 the CPU, caches it, and runs ``hf-svdq analyze`` on it (probes on prideprejudice.txt).
 
-    python benchmarks/gpt_neo_sensitivity.py [--steps 600] [--out benchmarks/results/analysis-gpt-neo]
+    python benchmarks/gpt_neo_sensitivity.py [--steps 400] [--out benchmarks/results/analysis-gpt-neo]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from hf_svdq.real_model import cache_root
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
 
 
-def train(folder: Path, steps: int, seq_len: int = 128, batch: int = 16) -> None:
+def train(folder: Path, steps: int, seq_len: int = 128, batch: int = 8) -> None:
     tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint())
     text = (TEXT / "sensesensibility.txt").read_text() + "\n\n" + (TEXT / "mansfieldpark.txt").read_text()
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
@@ -56,7 +56,7 @@ def train(folder: Path, steps: int, seq_len: int = 128, batch: int = 16) -> None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/analysis-gpt-neo"))
     parser.add_argument("--retrain", action="store_true")
     args = parser.parse_args()
@@ -65,7 +65,7 @@ def main() -> None:
         train(folder, args.steps)
     print((folder / "TRAINED").read_text())
     raise SystemExit(cli(["analyze", str(folder), "--text", str(TEXT / "prideprejudice.txt"), "--calibration",
-                          str(TEXT / "sensesensibility.txt"), "--out", str(args.out), "--eval-tokens", "1024"]))
+                          str(TEXT / "sensesensibility.txt"), "--out", str(args.out), "--eval-tokens", "1024", "--max-new-tokens", "24"]))
 
 
 if __name__ == "__main__":
