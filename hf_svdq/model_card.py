@@ -95,7 +95,7 @@ def _evaluation(result: Mapping[str, Any]) -> dict[str, Any]:
     rows = [("perplexity", f"{q['perplexity']:.3f}")]
     if "reference_perplexity" in q:
         rows += [("base model perplexity", f"{q['reference_perplexity']:.3f}"),
-                 ("perplexity ratio", f"{q['perplexity_ratio']:.4f}"), ("KL(base || this) per token", f"{q['kl']:.4f}"),
+                 ("perplexity ratio", f"{q['perplexity_ratio']:.4f}"), ("KL to the base model, per token", f"{q['kl']:.4f}"),
                  ("top-1 agreement with base", f"{q['top1_agreement']:.4f}")]
     if g:
         rows.append(("greedy generations looping", f"{g['loops']} of {len(g.get('samples', []))}"))
