@@ -28,6 +28,21 @@ def _grid(analysis: Analysis) -> tuple[list[int | None], list[str], dict[tuple[i
     return blocks, kinds, {(r.block, r.kind): r.name for r in analysis.rows}
 
 
+def _finish(plt: Any, fig: Any, ax: Any, image: Any, blocks: list[int | None], kinds: list[str], title: str,
+            label: str, path: str | Path) -> Path:
+    """Axis ticks (module types x blocks), title, colorbar; saved as PNG."""
+    ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(blocks)), ["-" if b is None else str(b) for b in blocks], fontsize=7)
+    ax.set_ylabel("block")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label=label)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_sensitivity_heatmap(analysis: Analysis, path: str | Path) -> Path:
     """log10 KL(dense || model) with the cell's layer compressed alone; P = pillar, s = sensitive."""
     plt = _pyplot()
@@ -48,16 +63,8 @@ def plot_sensitivity_heatmap(analysis: Analysis, path: str | Path) -> Path:
     image = ax.imshow(values, aspect="auto", cmap="magma_r")
     for i, j, text in marks:
         ax.text(j, i, text, ha="center", va="center", color="cyan", fontsize=8, fontweight="bold")
-    ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(blocks)), ["-" if b is None else str(b) for b in blocks], fontsize=7)
-    ax.set_ylabel("block")
-    ax.set_title(f"compressed alone: log10 KL vs dense ({analysis.info.get('grouping', 'layer')} groups)", fontsize=9)
-    fig.colorbar(image, ax=ax, label="log10 KL (nats/token)")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    title = f"compressed alone: log10 KL vs dense ({analysis.info.get('grouping', 'layer')} groups)"
+    return _finish(plt, fig, ax, image, blocks, kinds, title, "log10 KL (nats/token)", path)
 
 
 def plot_policy_ranks(analysis: Analysis, path: str | Path) -> Path:
@@ -83,14 +90,6 @@ def plot_policy_ranks(analysis: Analysis, path: str | Path) -> Path:
     image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     for i, j, text in marks:
         ax.text(j, i, text, ha="center", va="center", color="white" if text != "D" else "black", fontsize=6)
-    ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(blocks)), ["-" if b is None else str(b) for b in blocks], fontsize=7)
-    ax.set_ylabel("block")
     predicted = analysis.policy["predicted"]
-    ax.set_title(f"policy: rank / min(out, in), D = dense; {predicted['bits_per_weight']:.2f} bits/weight", fontsize=9)
-    fig.colorbar(image, ax=ax, label="rank share")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    title = f"policy: rank / min(out, in), D = dense; {predicted['bits_per_weight']:.2f} bits/weight"
+    return _finish(plt, fig, ax, image, blocks, kinds, title, "rank share", path)
