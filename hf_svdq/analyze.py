@@ -12,7 +12,6 @@ import json
 import logging
 import statistics
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,6 +210,6 @@ def analyze(
     return Analysis(rows, groups, dense_measures, all_measures, probes, classes, policy, timings, info, policy_error)
 
 
-def pillars(analysis: Analysis) -> Sequence[str]:
+def pillars(analysis: Analysis) -> list[str]:
     """Group names classified as pillars."""
     return [g for g, (c, _) in analysis.classes.items() if c == "pillar"]

@@ -82,7 +82,7 @@ def _setting(args: argparse.Namespace) -> object:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .analyze import AnalysisSettings, analyze
+    from .analyze import AnalysisSettings, analyze, pillars
     from .evaluation import DEFAULT_PROMPTS
     from .real_model import resolve_model_id
 
@@ -115,7 +115,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     analysis.info["calibration_text"] = None if args.calibration is None else str(args.calibration)
     paths = analysis.write(args.out, plots=not args.no_plots)
     families = analysis.family_summary()
-    print(json.dumps({"families": families, "pillars": [g for g, (c, _) in analysis.classes.items() if c == "pillar"],
+    print(json.dumps({"families": families, "pillars": pillars(analysis),
                       "timings_s": analysis.timings, "files": {k: str(v) for k, v in paths.items()}}, indent=2))
     if analysis.policy is None:
         print(f"hf-svdq analyze: no policy written: {analysis.policy_error}", file=sys.stderr)

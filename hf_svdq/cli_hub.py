@@ -25,17 +25,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def cmd_push(args: argparse.Namespace) -> int:
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .hub import base_model_in_card, push_checkpoint
+    from .hub import push_checkpoint
 
     for option, path in (("--eval", args.eval), ("--analysis", args.analysis)):
         if path is not None and not path.exists():
             raise FileNotFoundError(f"{option} {path} does not exist")
-    base_model = args.base_model or base_model_in_card(args.checkpoint)
     try:
         info = push_checkpoint(
             args.checkpoint, args.repo_id, private=args.private or None, revision=args.revision, create_pr=args.create_pr,
             commit_message=args.commit_message, card=not args.no_card, overwrite_card=args.overwrite_card,
-            base_model=base_model, evaluation=args.eval, analysis_dir=args.analysis,
+            base_model=args.base_model, evaluation=args.eval, analysis_dir=args.analysis,
         )
     except HfHubHTTPError as err:
         print(f"hf-svdq push: the Hub refused the upload, nothing was committed: {err}", file=sys.stderr)

@@ -102,6 +102,7 @@ def push_checkpoint(
     token: str | None = None, commit_message: str | None = None, commit_description: str | None = None,
     create_pr: bool = False, card: bool = True, overwrite_card: bool = False, base_model: str | None = None,
     evaluation: Any = None, analysis_dir: str | Path | None = None, endpoint: str | None = None,
+    tags: list[str] | None = None,
 ) -> Any:
     """Upload a saved hf_svdq checkpoint folder as one commit; returns ``huggingface_hub.CommitInfo``.
 
@@ -126,7 +127,8 @@ def push_checkpoint(
             continue
         operations.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)))
     if generate:
-        text = str(build_model_card(folder, repo_id, base_model=base_model, evaluation=evaluation, analysis_dir=analysis_dir))
+        text = str(build_model_card(folder, repo_id, base_model=base_model, evaluation=evaluation, analysis_dir=analysis_dir,
+                                    tags=tags))
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=text.encode("utf-8")))
         heatmap = Path(analysis_dir) / HEATMAP if analysis_dir else None
         if heatmap is not None and heatmap.is_file() and not (folder / HEATMAP).is_file():
@@ -177,4 +179,4 @@ def model_push_to_hub(
                                       max_shard_size=max_shard_size, tags=tags)
     return push_model(self, repo_id, max_shard_size=max_shard_size, commit_message=commit_message,
                       commit_description=commit_description, private=private, token=token, revision=revision,
-                      create_pr=create_pr, **kwargs)
+                      create_pr=create_pr, tags=list(tags) if tags else None, **kwargs)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,7 @@ def _analysis(folder: Path) -> dict[str, Any]:
 def build_model_card(
     folder: str | Path, repo_id: str, base_model: str | None = None, license: str | None = None,
     evaluation: Mapping[str, Any] | str | Path | None = None, analysis_dir: str | Path | None = None,
+    tags: Sequence[str] | None = None,
 ) -> ModelCard:
     """The card of the hf_svdq checkpoint saved in ``folder`` (to be published as ``repo_id``)."""
     folder = Path(folder)
@@ -132,9 +133,10 @@ def build_model_card(
     if isinstance(evaluation, (str, Path)):
         evaluation = json.loads(Path(evaluation).read_text(encoding="utf-8"))
     license = license or KNOWN_LICENSES.get(base_model or "")
-    tags = ["svdq", "hf_svdq", "quantized", "low-rank", "compressed"]
+    extra_tags, tags = tags, ["svdq", "hf_svdq", "quantized", "low-rank", "compressed"]
     if qconfig.get("residual_bits"):
         tags.append(f"int{qconfig['residual_bits']}")
+    tags += [t for t in (extra_tags or []) if t not in tags]
     card_data = ModelCardData(
         base_model=base_model, library_name="transformers", license=license, tags=tags,
         pipeline_tag="text-generation", base_model_relation="quantized" if base_model else None,

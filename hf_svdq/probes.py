@@ -95,7 +95,6 @@ class Prober:
         self.model, self.tokenizer, self.prompts, self.max_new_tokens = model, tokenizer, list(prompts), max_new_tokens
         self.ids = ids
         self.spans = _windows(ids.shape[1], window, window)
-        self._reference: list[torch.Tensor] = []
         self._reference = list(self._log_probs())
         start = time.perf_counter()
         self.dense = self.measure()
@@ -113,15 +112,11 @@ class Prober:
     def measure(self) -> ProbeResult:
         """Measures of ``model`` as it is now."""
         nll, kl, agree, count = 0.0, 0.0, 0, 0
-        references: Sequence[torch.Tensor | None] = self._reference or [None] * len(self.spans)
-        for (_, end, scored), logp, ref in zip(self.spans, self._log_probs(), references):
+        for (_, end, scored), logp, ref in zip(self.spans, self._log_probs(), self._reference):
             targets = self.ids[0, end - scored : end].to(logp.device)
             nll += float(-logp.gather(1, targets[:, None]).sum())
-            if ref is not None:
-                kl += float((ref.exp() * (ref - logp)).sum())
-                agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
-            else:
-                agree += scored
+            kl += float((ref.exp() * (ref - logp)).sum())
+            agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
             count += scored
         health = generation_health(self.model, self.tokenizer, self.prompts, self.max_new_tokens, progress=False)
         return ProbeResult(

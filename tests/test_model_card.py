@@ -56,8 +56,9 @@ def test_card_metadata_and_tables(compressed, tmp_path):
 
 
 def test_card_without_measurements_says_so(compressed):
-    card = build_model_card(compressed, "user/x")
+    card = build_model_card(compressed, "user/x", tags=["my-tag", "svdq"])
     assert "Not measured for this upload" in card.text and card.data.base_model is None
+    assert card.data.tags.count("svdq") == 1 and "my-tag" in card.data.tags  # push_to_hub(tags=...) reaches the card
 
 
 def test_write_model_card_respects_a_hand_written_readme(compressed, tmp_path):
