@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .groupquant import GroupQuantized, check_group_args, pack_codes
-from .kernels import dequantize_rows, low_rank_linear
+from .kernels import dequantize_group_codes, dequantize_rows
 from .linalg import LowRankInt8
 from .modules import _frozen, dense_module
+from .ops import residual_linear
 
 
 class SVDQResidualLinear(nn.Module):
@@ -73,27 +73,15 @@ class SVDQResidualLinear(nn.Module):
             self.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
 
     def base_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """``Q`` as ``[out, in]`` in ``dtype``: ``codes * scale - zero * scale`` per group.
-
-        INT4 nibbles are written straight into one float buffer (a uint8 stack + cast was 5x slower
-        at batch 1 on CPU), then one fused multiply-add applies the group parameters."""
-        out, groups, width = self.weight.shape
-        if self.bits == 4:
-            codes = torch.empty(out, groups, width, 2, dtype=dtype, device=self.weight.device)
-            codes[..., 0] = self.weight & 0x0F
-            codes[..., 1] = self.weight >> 4
-            codes = codes.view(out, groups, width * 2)
-        else:
-            codes = self.weight.to(dtype)
-        scale = self.weight_scale.to(dtype).unsqueeze(-1)
-        offset = -self.weight_zero.to(dtype).unsqueeze(-1) * scale
-        return torch.addcmul(offset, codes, scale).view(out, self.in_features)
+        """``Q`` as ``[out, in]`` in ``dtype`` (see :func:`hf_svdq.kernels.dequantize_group_codes`)."""
+        return dequantize_group_codes(self.weight, self.weight_scale, self.weight_zero, self.bits, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.base_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        p = self._parameters  # direct: nn.Module.__getattr__ per tensor cost ~4 us per decode call
         if self.rank:
-            y = y + low_rank_linear(x, self.weight_u, self.weight_u_scale, self.weight_vh, self.weight_vh_scale)
-        return y
+            return residual_linear(x, p["weight"], p["weight_scale"], p["weight_zero"], self.bits, p["weight_u"],
+                                   p["weight_u_scale"], p["weight_vh"], p["weight_vh_scale"], p["bias"])
+        return residual_linear(x, p["weight"], p["weight_scale"], p["weight_zero"], self.bits, bias=p["bias"])
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight ``Q + L R`` as ``[out, in]`` (computed in float32)."""

@@ -1,0 +1,137 @@
+"""Which forward kernels run: the fused numba CPU kernels, or the pure-PyTorch reference.
+
+``HF_SVDQ_KERNELS`` (read once, at the first compressed forward) chooses:
+
+* ``auto`` (default): the numba kernels when numba imports and the CPU has AVX2 and FMA, else the
+  reference. On a CPU without AVX2 everything still runs, through the reference.
+* ``reference``: always the pure-PyTorch reference (:mod:`hf_svdq.kernels`).
+* ``numba``: the numba kernels whatever the CPU (an error if numba is missing).
+
+The fused kernels serve inputs of at most ``HF_SVDQ_DECODE_ROWS`` rows (batch x sequence; default
+:data:`DEFAULT_DECODE_ROWS`, measured: above it dequantize-then-GEMM is faster); larger inputs
+(prefill) take the reference path. One INFO line on the ``hf_svdq`` logger says which is active.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger("hf_svdq")
+
+BACKEND_ENV = "HF_SVDQ_KERNELS"
+ROWS_ENV = "HF_SVDQ_DECODE_ROWS"
+BACKENDS = ("auto", "reference", "numba")
+DEFAULT_DECODE_ROWS = 4
+"""Largest input (rows = batch x sequence) given to the fused residual kernels; above it the numba
+dequantize-then-GEMM path is faster (float32) or the reference runs (see ``benchmarks/kernels.py``)."""
+LOW_RANK_FUSED_ROWS = 1
+"""Low-rank layers use the fused kernel for single rows only: above, PyTorch's two thin GEMMs win."""
+PARALLEL_MIN_WEIGHTS = 1 << 16
+"""Layers with fewer weights than this run on one thread (a parallel launch costs more than it saves)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The chosen kernels: ``module`` is :mod:`hf_svdq.kernels_numba` or ``None`` for the reference."""
+
+    name: str
+    module: ModuleType | None
+    max_rows: int
+    reason: str
+
+
+def _cpu_has_avx2_fma() -> bool:
+    import llvmlite.binding as llvm
+
+    features = llvm.get_host_cpu_features()
+    return bool(features.get("avx2")) and bool(features.get("fma"))
+
+
+def _max_rows() -> int:
+    raw = os.environ.get(ROWS_ENV)
+    if raw is None:
+        return DEFAULT_DECODE_ROWS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{ROWS_ENV} must be a non-negative integer, got {raw!r}")
+    return value
+
+
+@functools.lru_cache(maxsize=1)
+def active() -> Backend:
+    """The backend of this process (chosen once; :func:`reset` forgets it, for tests)."""
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {choice!r}")
+    rows = _max_rows()
+    backend = _choose(choice, rows)
+    if backend.module is None:
+        logger.info("hf_svdq kernels: pure-PyTorch reference (%s)", backend.reason)
+    else:
+        logger.info(
+            "hf_svdq kernels: numba fused CPU kernels for inputs of <= %d rows, reference above (%s; %s=reference "
+            "forces the reference)", rows, backend.reason, BACKEND_ENV,
+        )
+    return backend
+
+
+def _choose(choice: str, rows: int) -> Backend:
+    if choice == "reference":
+        return Backend("reference", None, 0, f"{BACKEND_ENV}=reference")
+    try:
+        import numba
+
+        from . import kernels_numba
+    except ImportError as err:
+        if choice == "numba":
+            raise ImportError(f"{BACKEND_ENV}=numba but numba cannot be imported: {err}") from err
+        return Backend("reference", None, 0, f"numba unavailable: {err}")
+    if choice == "auto" and not _cpu_has_avx2_fma():
+        return Backend("reference", None, 0, "this CPU lacks AVX2/FMA; the fused kernels would not pay")
+    return Backend("numba", kernels_numba, rows, f"numba {numba.__version__}, {BACKEND_ENV}={choice}")
+
+
+def reset() -> None:
+    """Forget the chosen backend so the next forward reads the environment again."""
+    active.cache_clear()
+
+
+_parallel_lock = threading.Lock()
+_parallel_is_thread_safe: bool | None = None
+
+
+def threads_for(weights: int) -> int:
+    """Threads for a layer of ``weights`` weights: torch's intra-op count, 1 for small layers."""
+    threads = torch.get_num_threads()
+    if threads <= 1 or weights < PARALLEL_MIN_WEIGHTS:
+        return 1
+    import numba
+
+    threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(threads)
+    return threads
+
+
+def run_parallel(kernel, *args):  # type: ignore[no-untyped-def]
+    """Launch a numba ``parallel=True`` kernel; serialized when numba's threading layer is not
+    thread-safe (``workqueue``), so two Python threads generating at once stay correct."""
+    global _parallel_is_thread_safe
+    if _parallel_is_thread_safe:
+        return kernel(*args)
+    with _parallel_lock:
+        result = kernel(*args)
+        if _parallel_is_thread_safe is None:
+            import numba
+
+            _parallel_is_thread_safe = numba.threading_layer() in ("omp", "tbb")
+    return result
