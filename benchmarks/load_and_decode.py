@@ -1,9 +1,16 @@
-"""Benchmark on SmolLM2-135M-Instruct: quantize-on-load vs plain load, checkpoint bytes, decode speed.
+"""Benchmark on SmolLM2-135M-Instruct: decode and prefill speed, load time, memory, checkpoint bytes.
 
-Every variant runs in its own child process (clean peak-memory readings); the parent prints one
-table of medians and ratios against the dense baseline measured in the same run.
+Each compressed variant is written once (the parent compresses it), then every measurement runs in a
+fresh child process per variant and repeat (clean memory readings), interleaved so machine noise hits
+all variants alike. The parent prints one table of medians with ratios against dense float32 measured
+in the same run.
 
-    python benchmarks/load_and_decode.py [--repeats 3] [--tokens 64] [--json out.json]
+    python benchmarks/load_and_decode.py [--repeats 3] [--tokens 64] [--prefill 512] [--json out.json]
+
+Columns: decode tokens/s (greedy ``generate``, ``--tokens`` new tokens) at 1 and 2 threads; prefill
+seconds for one ``--prefill``-token forward with the active kernels and with the pure-PyTorch reference
+(``HF_SVDQ_KERNELS=reference``, the path every release before the fused kernels used); load seconds;
+peak RSS of the process after load + decode; checkpoint bytes.
 """
 
 from __future__ import annotations
@@ -11,58 +18,96 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = {
-    "dense": None,
-    # plain SVD at full rank on k/v/down: only INT8 rounding is lost (the real-model test's safe policy)
-    "safe (k,v,down full)": {"*.k_proj": 192, "*.v_proj": 192, "*.down_proj": 576},
-    # the seeds' uniform style: every attention+MLP linear at rank 128 (plain SVD: quality is garbage)
-    "uniform rank 128": 128,
-}
+TEXT = HERE.parent.parent / "shared" / "data" / "text"
 
 
-def child(variant: str, out: Path, tokens: int) -> dict:
+def variants(text_dir: Path) -> dict[str, dict[str, Any] | None]:
+    """name -> SVDQuantConfig kwargs (None = dense; ``dtype`` = dense in that dtype)."""
+    calibration = {"file": str(text_dir / "sensesensibility.txt"), "n_samples": 32, "seq_len": 256}
+    return {
+        "dense fp32": None,
+        "dense bf16": {"dtype": "bfloat16"},
+        "INT8 per-row": {"rank": 0, "residual_bits": 8, "group_size": None},
+        "INT4 g64 + r24 (data-free)": {"rank": 24, "residual_bits": 4, "group_size": 64},
+        "INT4 g64 + LR, 5.0 bpw (calibrated)": {"target_bits_per_weight": 5.0, "residual_bits": 4, "group_size": 64,
+                                                 "refine_steps": 1, "calibration": calibration},
+        "plain low rank r128": {"rank": 128},
+    }
+
+
+def compress(name: str, kwargs: dict[str, Any], folder: Path) -> float:
+    from transformers import AutoModelForCausalLM
+
+    import hf_svdq
+    from hf_svdq.calibration import CalibrationConfig
+    from hf_svdq.real_model import smollm2_checkpoint
+
+    kwargs = dict(kwargs)
+    if "calibration" in kwargs:
+        kwargs["calibration"] = CalibrationConfig(**kwargs["calibration"])
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(), quantization_config=hf_svdq.SVDQuantConfig(**kwargs))
+    seconds = time.perf_counter() - start
+    model.save_pretrained(folder)
+    print(f"compressed {name!r} in {seconds:.0f} s", file=sys.stderr)
+    return seconds
+
+
+def _decode_tok_s(model: Any, ids: Any, tokens: int) -> float:
+    import torch
+
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)  # warm-up (and JIT)
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    return tokens / (time.perf_counter() - start)
+
+
+def _prefill_s(model: Any, length: int) -> float:
+    import torch
+
+    ids = torch.randint(100, 40000, (1, length), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids[:, :32])  # warm-up
+        start = time.perf_counter()
+        model(ids)
+    return time.perf_counter() - start
+
+
+def child(folder: str, dtype: str | None, tokens: int, prefill: int) -> dict[str, float]:
     sys.path.insert(0, str(HERE))
     import _memory as mem
     import torch
     from transformers import AutoModelForCausalLM
 
-    import hf_svdq
-    from hf_svdq.real_model import smollm2_checkpoint
+    import hf_svdq  # noqa: F401  (registers the quantizer; the autoload hook would too)
+    from hf_svdq import backend
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    path = smollm2_checkpoint()
-    rank = VARIANTS[variant]
-    baseline, baseline_anon = mem.rss(), mem.anon_rss()
-    mem.reset_peak()
+    torch.set_num_threads(1)
     start = time.perf_counter()
-    with mem.AnonPeak() as anon:
-        if rank is None:
-            model = AutoModelForCausalLM.from_pretrained(path)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, quantization_config=hf_svdq.SVDQuantConfig(rank=rank))
-    load_s = time.perf_counter() - start
-    result = {
-        "load_s": load_s,
-        "peak_rss": mem.peak_rss(),
-        "peak_rss_over_baseline": mem.peak_rss() - baseline,
-        "peak_anon_over_baseline": anon.peak - baseline_anon,
-    }
-    model.save_pretrained(out)
-    result["checkpoint_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype) if dtype else None)
+    result = {"load_s": time.perf_counter() - start}
     ids = torch.tensor([[1, 504, 3458, 282, 2115, 314]])
-    with torch.no_grad():
-        model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)  # warm-up
-        start = time.perf_counter()
-        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-    result["decode_tok_s"] = tokens / (time.perf_counter() - start)
+    result["decode_1t"] = _decode_tok_s(model, ids, tokens)
+    torch.set_num_threads(2)
+    result["decode_2t"] = _decode_tok_s(model, ids, tokens)
+    torch.set_num_threads(1)
+    result["prefill_s"] = _prefill_s(model, prefill)
+    result["peak_rss"] = mem.peak_rss()
+    result["backend"] = backend.active().name if any("SVDQ" in type(m).__name__ for m in model.modules()) else "-"
+    os.environ[backend.BACKEND_ENV] = "reference"
+    backend.reset()
+    result["prefill_reference_s"] = _prefill_s(model, prefill)
     return result
 
 
@@ -70,45 +115,66 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--text-dir", type=Path, default=TEXT)
+    parser.add_argument("--only", nargs="*", help="run only these variants (dense fp32 always runs)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.out, args.tokens)))
+        print(json.dumps(child(args.child, args.dtype, args.tokens, args.prefill)))
         return
 
     from hf_svdq.real_model import smollm2_checkpoint
 
-    dense_file_bytes = sum(f.stat().st_size for f in smollm2_checkpoint().glob("*.safetensors"))
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    table = {n: k for n, k in variants(args.text_dir).items() if n == "dense fp32" or not args.only or n in args.only}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in table}
+    compress_s: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for repeat in range(args.repeats):
-            for i, variant in enumerate(VARIANTS):  # interleaved, so machine noise hits all variants alike
-                out = Path(tmp) / f"{i}-{repeat}"
-                cmd = [sys.executable, __file__, "--child", variant, "--out", str(out), "--tokens", str(args.tokens)]
-                line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-                runs[variant].append(json.loads(line))
-    table = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for v, rs in runs.items()}
-    dense = table["dense"]
-    print(f"SmolLM2-135M-Instruct, float32, CPU threads={os.environ.get('BENCH_THREADS', '1')}, "
-          f"medians of {args.repeats}; dense checkpoint {dense_file_bytes / 1e6:.0f} MB")
-    header = (f"{'variant':<26} {'load s':>7} {'x dense':>8} {'peak RSS MB':>12} {'/ckpt':>6} {'load RSS+ MB':>13} "
-              f"{'/ckpt':>6} {'anon+ MB':>9} {'ckpt MB':>8} {'x dense':>8} {'tok/s':>6} {'x dense':>8}")
-    print(header)
-    for variant, row in table.items():
-        print(
-            f"{variant:<26} {row['load_s']:>7.2f} {row['load_s'] / dense['load_s']:>8.2f} "
-            f"{row['peak_rss'] / 1e6:>12.0f} {row['peak_rss'] / dense_file_bytes:>6.2f} "
-            f"{row['peak_rss_over_baseline'] / 1e6:>13.0f} {row['peak_rss_over_baseline'] / dense_file_bytes:>6.2f} "
-            f"{row['peak_anon_over_baseline'] / 1e6:>9.0f} {row['checkpoint_bytes'] / 1e6:>8.0f} "
-            f"{row['checkpoint_bytes'] / dense['checkpoint_bytes']:>8.3f} {row['decode_tok_s']:>6.1f} "
-            f"{row['decode_tok_s'] / dense['decode_tok_s']:>8.2f}"
-        )
-    print("peak RSS: whole process (incl. ~250 MB of Python/torch/transformers); load RSS+: peak minus the RSS just "
-          "before from_pretrained (incl. mmapped checkpoint pages); anon+: anonymous memory only, sampled every 2 ms")
+        folders: dict[str, tuple[Path, str | None]] = {}
+        for i, (name, kwargs) in enumerate(table.items()):
+            if kwargs is None or "dtype" in kwargs:
+                folders[name] = (smollm2_checkpoint(), (kwargs or {}).get("dtype"))
+            else:
+                folders[name] = (Path(tmp) / str(i), None)
+                compress_s[name] = compress(name, kwargs, folders[name][0])
+        for _ in range(args.repeats):
+            for name, (folder, dtype) in folders.items():
+                cmd = [sys.executable, __file__, "--child", str(folder), "--tokens", str(args.tokens),
+                       "--prefill", str(args.prefill)] + (["--dtype", dtype] if dtype else [])
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+                row = json.loads(out)
+                row["checkpoint_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+                runs[name].append(row)
+    medians = {n: {k: statistics.median(r[k] for r in rs) if not isinstance(rs[0][k], str) else rs[0][k] for k in rs[0]}
+               for n, rs in runs.items()}
+    print(render(medians, args))
     if args.json:
-        args.json.write_text(json.dumps({"dense_file_bytes": dense_file_bytes, "medians": table, "runs": runs}, indent=2))
+        meta = {"cpu": platform.processor() or platform.machine(), "repeats": args.repeats, "tokens": args.tokens,
+                "prefill": args.prefill, "compress_s": compress_s}
+        args.json.write_text(json.dumps({"meta": meta, "medians": medians, "runs": runs}, indent=2))
+
+
+def render(medians: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    dense = medians["dense fp32"]
+    lines = [
+        f"SmolLM2-135M-Instruct, CPU, medians of {args.repeats}; decode {args.tokens} new tokens, prefill "
+        f"{args.prefill} tokens at 1 thread; x = ratio to dense fp32 in this run (higher is better for tok/s, "
+        "lower for seconds and bytes)",
+        f"{'variant':<36} {'kernels':>9} {'1t tok/s':>9} {'x':>5} {'2t tok/s':>9} {'x':>5} {'prefill s':>10} "
+        f"{'x ref':>6} {'load s':>7} {'peak RSS MB':>12} {'x':>5} {'ckpt MB':>8} {'x':>6}",
+    ]
+    for name, row in medians.items():
+        lines.append(
+            f"{name:<36} {row['backend']:>9} {row['decode_1t']:>9.1f} {row['decode_1t'] / dense['decode_1t']:>5.2f} "
+            f"{row['decode_2t']:>9.1f} {row['decode_2t'] / dense['decode_2t']:>5.2f} {row['prefill_s']:>10.2f} "
+            f"{row['prefill_reference_s'] / row['prefill_s']:>6.2f} {row['load_s']:>7.2f} {row['peak_rss'] / 1e6:>12.0f} "
+            f"{row['peak_rss'] / dense['peak_rss']:>5.2f} {row['checkpoint_bytes'] / 1e6:>8.0f} "
+            f"{row['checkpoint_bytes'] / dense['checkpoint_bytes']:>6.3f}"
+        )
+    lines.append("x ref: prefill time of the pure-PyTorch reference path / this path (>= 1 means the new path is not slower)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -124,3 +124,16 @@ def hub_server(tmp_path: Path):
 
     with HubServer(tmp_path / "hub") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def smollm2_int4_r24(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 compressed once per session as INT4 group 64 + rank-24 correction (data-free, ~20 s), saved."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_svdq import SVDQuantConfig
+
+    folder = tmp_path_factory.mktemp("smollm2-int4-r24")
+    config = SVDQuantConfig(rank=24, residual_bits=4, group_size=64)
+    AutoModelForCausalLM.from_pretrained(smollm2_path, quantization_config=config).save_pretrained(folder)
+    return folder
