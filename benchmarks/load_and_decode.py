@@ -159,11 +159,11 @@ def main() -> None:
 def render(medians: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     dense = medians["dense fp32"]
     lines = [
-        f"SmolLM2-135M-Instruct, CPU, medians of {args.repeats}; decode {args.tokens} new tokens, prefill "
+        (f"SmolLM2-135M-Instruct, CPU, medians of {args.repeats}; decode {args.tokens} new tokens, prefill "
         f"{args.prefill} tokens at 1 thread; x = ratio to dense fp32 in this run (higher is better for tok/s, "
-        "lower for seconds and bytes)",
-        f"{'variant':<36} {'kernels':>9} {'1t tok/s':>9} {'x':>5} {'2t tok/s':>9} {'x':>5} {'prefill s':>10} "
-        f"{'x ref':>6} {'load s':>7} {'peak RSS MB':>12} {'x':>5} {'ckpt MB':>8} {'x':>6}",
+        "lower for seconds and bytes)"),
+        (f"{'variant':<36} {'kernels':>9} {'1t tok/s':>9} {'x':>5} {'2t tok/s':>9} {'x':>5} {'prefill s':>10} "
+        f"{'x ref':>6} {'load s':>7} {'peak RSS MB':>12} {'x':>5} {'ckpt MB':>8} {'x':>6}"),
     ]
     for name, row in medians.items():
         lines.append(

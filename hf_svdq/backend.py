@@ -117,7 +117,7 @@ def threads_for(weights: int) -> int:
         return 1
     import numba
 
-    threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+    threads = min(threads, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
     numba.set_num_threads(threads)
     return threads
 

@@ -15,6 +15,8 @@ see the registered op.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -34,7 +36,10 @@ _lib.define(
 _NO_INT8 = np.zeros((0, 0), dtype=np.int8)
 _NO_FLOAT = np.zeros(0, dtype=np.float32)
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_VIEW = "_hf_svdq_numpy"
+_VIEWS: dict[int, tuple[tuple, tuple[np.ndarray, ...]]] = {}
+"""Per layer, keyed by ``id()`` of its first tensor (the entry is dropped when that tensor dies): the
+NumPy views the fused kernels read. Kept beside the tensors rather than on them, so pickling or
+deep-copying a module never carries them (a ``WeakKeyDictionary`` would compare tensors with ``==``)."""
 
 
 def _numpy(t: torch.Tensor | None, kind: str) -> np.ndarray:
@@ -48,16 +53,21 @@ def _numpy(t: torch.Tensor | None, kind: str) -> np.ndarray:
     return np.ascontiguousarray(detached.numpy())
 
 
-def _layer_arrays(tensors: tuple[torch.Tensor | None, ...], kinds: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+def _layer_arrays(
+    first: torch.Tensor, rest: tuple[torch.Tensor | None, ...], kinds: tuple[str, ...]
+) -> tuple[np.ndarray, ...]:
     """NumPy views of a frozen layer's tensors (float32 copies of its small scale/bias vectors), cached
     on the first tensor and rebuilt when any tensor's storage or version changes (``load_state_dict``
     copies in place). Building them on every call cost ~20-40 us per layer, a fifth of a decode token."""
+    tensors = (first, *rest)
     key = tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
-    cached = getattr(tensors[0], _VIEW, None)
+    cached = _VIEWS.get(id(first))
     if cached is not None and cached[0] == key:
         return cached[1]
-    arrays = tuple(_numpy(t, kind) for t, kind in zip(tensors, kinds))
-    setattr(tensors[0], _VIEW, (key, arrays))
+    arrays = tuple(_numpy(t, kind) for t, kind in zip(tensors, kinds))  # views of detached tensors: no cycle
+    if cached is None:
+        weakref.finalize(first, _VIEWS.pop, id(first), None)
+    _VIEWS[id(first)] = (key, arrays)
     return arrays
 
 
@@ -90,7 +100,7 @@ def _as_output(out: np.ndarray, x: torch.Tensor) -> torch.Tensor:
 def _fused_residual(kernels, x, codes, scale, zero, bits, u, u_scale, vh, vh_scale, bias):  # type: ignore[no-untyped-def]
     out_features, groups, width = codes.shape
     in_features = groups * width * 8 // bits
-    arrays = _layer_arrays((codes, scale, zero, u, u_scale, vh, vh_scale, bias), _RESIDUAL_KINDS)
+    arrays = _layer_arrays(codes, (scale, zero, u, u_scale, vh, vh_scale, bias), _RESIDUAL_KINDS)
     flat = _flat_float32(x, in_features)
     threads = backend.threads_for(out_features * in_features)
     if threads == 1:
@@ -105,7 +115,7 @@ def _dequantize_then_gemm(kernels, x, codes, scale, zero, bits, u, u_scale, vh, 
     (3-6x faster than the PyTorch reference's dequantization), then PyTorch's GEMM; freed on return."""
     out_features, groups, width = codes.shape
     weight = torch.empty(out_features, groups * width * 8 // bits, dtype=torch.float32)
-    codes_np, scale_np, zero_np = _layer_arrays((codes, scale, zero, u, u_scale, vh, vh_scale, bias), _RESIDUAL_KINDS)[:3]
+    codes_np, scale_np, zero_np = _layer_arrays(codes, (scale, zero, u, u_scale, vh, vh_scale, bias), _RESIDUAL_KINDS)[:3]
     args = (codes_np, scale_np, zero_np, bits == 4, weight.numpy())
     threads = backend.threads_for(weight.numel())
     if threads == 1:
@@ -120,7 +130,7 @@ def _dequantize_then_gemm(kernels, x, codes, scale, zero, bits, u, u_scale, vh, 
 
 def _fused_low_rank(kernels, x, left, left_scale, right, right_scale, bias):  # type: ignore[no-untyped-def]
     out_features, rank = left.shape
-    arrays = _layer_arrays((left, left_scale, right, right_scale, bias), _LOW_RANK_KINDS)
+    arrays = _layer_arrays(left, (left_scale, right, right_scale, bias), _LOW_RANK_KINDS)
     flat = _flat_float32(x, right.shape[1])
     threads = backend.threads_for(out_features * rank)
     if threads == 1:

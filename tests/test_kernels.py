@@ -192,13 +192,41 @@ def test_no_float_copy_of_the_weights_is_kept(kernels):
     before = sum(p.numel() * p.element_size() for p in layer.parameters())
     with torch.no_grad():
         layer(torch.randn(1, 576))
-    cached = getattr(layer.weight, ops._VIEW)[1]
+    cached = ops._VIEWS[id(layer.weight)][1]
     import numpy as np
 
     owned = sum(a.nbytes for a, p in zip(cached, reference_args(layer)[:3] + reference_args(layer)[4:])
                 if not (isinstance(p, torch.Tensor) and np.shares_memory(a, p.numpy())))
     assert owned <= (1536 + 8 + 1536) * 4  # float32 copies of row scales and bias only
     assert owned < before / 100
+
+
+def test_views_are_not_carried_by_copies_or_pickles(kernels):
+    import copy
+    import io
+
+    layer = residual_layer(37, 96, 4, 32, 3, True)
+    with torch.no_grad():
+        layer(torch.randn(1, 96))
+    assert id(layer.weight) in ops._VIEWS and not layer.weight.__dict__
+    clone = copy.deepcopy(layer)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    assert id(clone.weight) not in ops._VIEWS
+    assert buffer.tell() < 2 * sum(p.numel() * p.element_size() for p in layer.parameters()) + 20000
+
+
+def test_views_are_dropped_with_the_layer(kernels):
+    import gc
+
+    layer = residual_layer(37, 96, 4, 32, 3, True)
+    with torch.no_grad():
+        layer(torch.randn(1, 96))
+    key = id(layer.weight)
+    assert key in ops._VIEWS
+    del layer
+    gc.collect()
+    assert key not in ops._VIEWS
 
 
 def test_cached_views_follow_in_place_updates(kernels):
