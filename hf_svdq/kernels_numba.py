@@ -96,87 +96,52 @@ def add_correction(u, u_scale, t, bias, out, start, stop):  # pragma: no cover -
 
 
 @njit(nogil=True, fastmath=True, cache=True)
-def int4_rows(xg, xsum, codes, scale_bits, zero, u, u_scale, t, bias, out, start, stop):  # pragma: no cover
-    """Output rows ``[start, stop)`` of an INT4 residual layer; ``codes`` ``[out, groups, g/2]`` uint8."""
+def residual_rows(bits, xg, xsum, codes, scale_bits, zero, u, u_scale, t, bias, out, start, stop):  # pragma: no cover
+    """Output rows ``[start, stop)`` of a residual layer: base (``codes`` ``[out, groups, g * bits / 8]``
+    uint8) plus correction and bias. Several input rows reuse each block of codes while it is in L1."""
+    interleaved = bits == 4
     if xg.shape[0] == 1:
-        _int4_one_input(xg[0], xsum[0], codes, scale_bits, zero, out[0], start, stop)
-    else:  # blocks of output rows small enough that their codes stay in L1 across the input rows
-        for block in range(start, stop, _BLOCK):
-            for m in range(xg.shape[0]):
-                _int4_one_input(xg[m], xsum[m], codes, scale_bits, zero, out[m], block, min(stop, block + _BLOCK))
-    add_correction(u, u_scale, t, bias, out, start, stop)
-
-
-@njit(nogil=True, fastmath=True, cache=True)
-def _int4_one_input(x, xsum, codes, scale_bits, zero, out, start, stop):  # pragma: no cover - compiled
-    """:func:`int4_rows` for a single input row (decode at batch 1).
-
-    Two output rows at a time share each activation load, and each keeps one partial sum per byte
-    position (``part``) that the group scale multiplies in, so the only horizontal reduction is one
-    per output row, not one per group (1.3-1.5x faster than a dot product per group, measured)."""
-    groups = codes.shape[1]
-    half = codes.shape[2]
-    size = 2 * half
-    part0 = np.empty(half, np.float32)
-    part1 = np.empty(half, np.float32)
-    scales0 = np.empty(groups, np.float32)
-    scales1 = np.empty(groups, np.float32)
-    o = start
-    while o < stop:
-        pair = o + 1 < stop
-        o1 = o + 1 if pair else o
-        part0[:] = 0.0
-        part1[:] = 0.0
-        offset0 = np.float32(0.0)
-        offset1 = np.float32(0.0)
-        # Scales and zero-point offsets ahead of the dot products: inside the group loop they kept
-        # LLVM from vectorizing it well (0.136 -> 0.103 ms per 1536x576 INT4 pass, measured).
-        for g in range(groups):
-            scales0[g] = _half_to_float(np.int32(scale_bits[o, g]))
-            scales1[g] = _half_to_float(np.int32(scale_bits[o1, g]))
-            offset0 += scales0[g] * np.float32(zero[o, g]) * xsum[g]
-            offset1 += scales1[g] * np.float32(zero[o1, g]) * xsum[g]
-        for g in range(groups):
-            base = g * size
-            s0 = scales0[g]
-            s1 = scales1[g]
-            for j in range(half):
-                even = x[base + j]
-                odd = x[base + half + j]
-                b0 = np.uint32(codes[o, g, j])
-                b1 = np.uint32(codes[o1, g, j])
-                part0[j] += s0 * (np.float32(np.int32(b0 & _LOW)) * even + np.float32(np.int32(b0 >> _SHIFT)) * odd)
-                part1[j] += s1 * (np.float32(np.int32(b1 & _LOW)) * even + np.float32(np.int32(b1 >> _SHIFT)) * odd)
-        total0 = np.float32(0.0)
-        total1 = np.float32(0.0)
-        for j in range(half):
-            total0 += part0[j]
-            total1 += part1[j]
-        out[o] = total0 - offset0
-        if pair:
-            out[o1] = total1 - offset1
-        o += 2
-
-
-@njit(nogil=True, fastmath=True, cache=True)
-def int8_rows(xg, xsum, codes, scale_bits, zero, u, u_scale, t, bias, out, start, stop):  # pragma: no cover
-    """Output rows ``[start, stop)`` of an INT8 residual layer; ``codes`` ``[out, groups, g]`` uint8."""
-    if xg.shape[0] == 1:
-        _int8_one_input(xg[0], xsum[0], codes, scale_bits, zero, out[0], start, stop)
+        _one_input(xg[0], xsum[0], codes, scale_bits, zero, out[0], start, stop, interleaved)
     else:
         for block in range(start, stop, _BLOCK):
             for m in range(xg.shape[0]):
-                _int8_one_input(xg[m], xsum[m], codes, scale_bits, zero, out[m], block, min(stop, block + _BLOCK))
+                _one_input(xg[m], xsum[m], codes, scale_bits, zero, out[m], block, min(stop, block + _BLOCK), interleaved)
     add_correction(u, u_scale, t, bias, out, start, stop)
 
 
+@njit(nogil=True, fastmath=True, cache=True, inline="always")
+def _int4_group(x, base, codes, o, o1, g, s0, s1, part0, part1):  # pragma: no cover - compiled
+    half = codes.shape[2]
+    for j in range(half):
+        even = x[base + j]
+        odd = x[base + half + j]
+        b0 = np.uint32(codes[o, g, j])
+        b1 = np.uint32(codes[o1, g, j])
+        part0[j] += s0 * (np.float32(np.int32(b0 & _LOW)) * even + np.float32(np.int32(b0 >> _SHIFT)) * odd)
+        part1[j] += s1 * (np.float32(np.int32(b1 & _LOW)) * even + np.float32(np.int32(b1 >> _SHIFT)) * odd)
+
+
+@njit(nogil=True, fastmath=True, cache=True, inline="always")
+def _int8_group(x, base, codes, o, o1, g, s0, s1, part0, part1):  # pragma: no cover - compiled
+    for k in range(codes.shape[2]):
+        value = x[base + k]
+        part0[k] += s0 * np.float32(np.int32(np.uint32(codes[o, g, k]))) * value
+        part1[k] += s1 * np.float32(np.int32(np.uint32(codes[o1, g, k]))) * value
+
+
 @njit(nogil=True, fastmath=True, cache=True)
-def _int8_one_input(x, xsum, codes, scale_bits, zero, out, start, stop):  # pragma: no cover - compiled
-    """:func:`int8_rows` for a single input row; same scheme as :func:`_int4_one_input`."""
+def _one_input(x, xsum, codes, scale_bits, zero, out, start, stop, interleaved):  # pragma: no cover - compiled
+    """Base product for a single input row (decode at batch 1), output rows ``[start, stop)``.
+
+    Two output rows at a time share each activation load, and each keeps one partial sum per code
+    position (``part``) that the group scale multiplies in, so the only horizontal reduction is one per
+    output row, not one per group (1.3-1.5x faster than a dot product per group, measured). INT4
+    (``interleaved``) codes hold two elements per byte; ``x`` is permuted to match by :func:`prepare`."""
     groups = codes.shape[1]
-    size = codes.shape[2]
-    part0 = np.empty(size, np.float32)
-    part1 = np.empty(size, np.float32)
+    width = codes.shape[2]
+    size = 2 * width if interleaved else width
+    part0 = np.empty(width, np.float32)
+    part1 = np.empty(width, np.float32)
     scales0 = np.empty(groups, np.float32)
     scales1 = np.empty(groups, np.float32)
     o = start
@@ -195,18 +160,15 @@ def _int8_one_input(x, xsum, codes, scale_bits, zero, out, start, stop):  # prag
             offset0 += scales0[g] * np.float32(zero[o, g]) * xsum[g]
             offset1 += scales1[g] * np.float32(zero[o1, g]) * xsum[g]
         for g in range(groups):
-            base = g * size
-            s0 = scales0[g]
-            s1 = scales1[g]
-            for k in range(size):
-                value = x[base + k]
-                part0[k] += s0 * np.float32(np.int32(np.uint32(codes[o, g, k]))) * value
-                part1[k] += s1 * np.float32(np.int32(np.uint32(codes[o1, g, k]))) * value
+            if interleaved:
+                _int4_group(x, g * size, codes, o, o1, g, scales0[g], scales1[g], part0, part1)
+            else:
+                _int8_group(x, g * size, codes, o, o1, g, scales0[g], scales1[g], part0, part1)
         total0 = np.float32(0.0)
         total1 = np.float32(0.0)
-        for k in range(size):
-            total0 += part0[k]
-            total1 += part1[k]
+        for j in range(width):
+            total0 += part0[j]
+            total1 += part1[j]
         out[o] = total0 - offset0
         if pair:
             out[o1] = total1 - offset1
@@ -234,21 +196,13 @@ def _prepared(x, bits, codes, vh, vh_scale):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, fastmath=True, cache=True)
-def _residual_block(bits, xg, xsum, codes, scale_bits, zero, u, u_scale, t, bias, out, start, stop):  # pragma: no cover
-    if bits == 4:
-        int4_rows(xg, xsum, codes, scale_bits, zero, u, u_scale, t, bias, out, start, stop)
-    else:
-        int8_rows(xg, xsum, codes, scale_bits, zero, u, u_scale, t, bias, out, start, stop)
-
-
-@njit(nogil=True, fastmath=True, cache=True)
 def residual_forward(x, bits, codes, scale_bits, zero, u, u_scale, vh, vh_scale, bias):  # pragma: no cover
     """``x (Q + L R)^T + bias`` on one thread, returned as [rows, out] float32; ``x`` [rows, in] float32;
     ``codes``/``scale_bits``/``zero`` the residual layout (scales as raw fp16 bits), ``u``/``vh`` the INT8
     correction factors with float32 scales (shape ``[out, 0]``/``[0, in]`` for rank 0), ``bias`` empty for none."""
     xg, xsum, t = _prepared(x, bits, codes, vh, vh_scale)
     out = np.empty((x.shape[0], codes.shape[0]), np.float32)
-    _residual_block(bits, xg, xsum, codes, scale_bits, zero, u, u_scale, t, bias, out, 0, codes.shape[0])
+    residual_rows(bits, xg, xsum, codes, scale_bits, zero, u, u_scale, t, bias, out, 0, codes.shape[0])
     return out
 
 
@@ -260,7 +214,7 @@ def residual_forward_parallel(x, bits, codes, scale_bits, zero, u, u_scale, vh, 
     out = np.empty((x.shape[0], n), np.float32)
     step = (n + blocks - 1) // blocks
     for b in prange(blocks):
-        _residual_block(bits, xg, xsum, codes, scale_bits, zero, u, u_scale, t, bias, out, b * step, min(n, b * step + step))
+        residual_rows(bits, xg, xsum, codes, scale_bits, zero, u, u_scale, t, bias, out, b * step, min(n, b * step + step))
     return out
 
 
