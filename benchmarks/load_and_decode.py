@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -32,7 +33,9 @@ TEXT = HERE.parent.parent / "shared" / "data" / "text"
 
 
 def variants(text_dir: Path) -> dict[str, dict[str, Any] | None]:
-    """name -> SVDQuantConfig kwargs (None = dense; ``dtype`` = dense in that dtype)."""
+    """name -> SVDQuantConfig kwargs (None = dense; ``dtype`` = dense in that dtype; ``same_as`` = the
+    checkpoint of that variant with ``int8_head`` switched on in its config.json: the flag changes
+    nothing on disk, so the weights are byte-identical)."""
     calibration = {"file": str(text_dir / "sensesensibility.txt"), "n_samples": 32, "seq_len": 256}
     return {
         "dense fp32": None,
@@ -41,6 +44,8 @@ def variants(text_dir: Path) -> dict[str, dict[str, Any] | None]:
         "INT4 g64 + r24 (data-free)": {"rank": 24, "residual_bits": 4, "group_size": 64},
         "INT4 g64 + LR, 5.0 bpw (calibrated)": {"target_bits_per_weight": 5.0, "residual_bits": 4, "group_size": 64,
                                                  "refine_steps": 1, "calibration": calibration},
+        "INT4 g64 + r24 + INT8 head": {"same_as": "INT4 g64 + r24 (data-free)", "int8_head": True},
+        "INT4 g64 + LR, 5.0 bpw + INT8 head": {"same_as": "INT4 g64 + LR, 5.0 bpw (calibrated)", "int8_head": True},
         "plain low rank r128": {"rank": 128},
     }
 
@@ -128,7 +133,10 @@ def main() -> None:
 
     from hf_svdq.real_model import smollm2_checkpoint
 
-    table = {n: k for n, k in variants(args.text_dir).items() if n == "dense fp32" or not args.only or n in args.only}
+    every = variants(args.text_dir)
+    wanted = {n for n in every if n == "dense fp32" or not args.only or n in args.only}
+    wanted |= {every[n]["same_as"] for n in list(wanted) if every[n] and "same_as" in every[n]}  # type: ignore[index]
+    table = {n: k for n, k in every.items() if n in wanted}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in table}
     compress_s: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,6 +144,13 @@ def main() -> None:
         for i, (name, kwargs) in enumerate(table.items()):
             if kwargs is None or "dtype" in kwargs:
                 folders[name] = (smollm2_checkpoint(), (kwargs or {}).get("dtype"))
+            elif "same_as" in kwargs:
+                folders[name] = (Path(tmp) / str(i), None)
+                shutil.copytree(folders[kwargs["same_as"]][0], folders[name][0])
+                config_file = folders[name][0] / "config.json"
+                config = json.loads(config_file.read_text())
+                config["quantization_config"]["int8_head"] = kwargs["int8_head"]
+                config_file.write_text(json.dumps(config, indent=2))
             else:
                 folders[name] = (Path(tmp) / str(i), None)
                 compress_s[name] = compress(name, kwargs, folders[name][0])

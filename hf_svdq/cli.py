@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--calib-samples", type=int, default=64)
     compress.add_argument("--calib-seq-len", type=int, default=256)
     compress.add_argument("--dtype", choices=_DTYPES, default="auto", help="load (and compute) dtype")
+    compress.add_argument("--int8-head", action="store_true",
+                          help="decode with an in-memory INT8 copy of the output head (stored as is; see README)")
     compress.add_argument("--prompt", help="generate from this prompt with the compressed model afterwards")
     compress.add_argument("--max-new-tokens", type=int, default=40)
     compress.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -101,6 +103,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if args.skip:
             raise ValueError("--skip cannot be combined with --policy: the policy lists the layers kept dense")
         config = SVDQuantConfig.from_policy(args.policy, calibration)
+        config.int8_head = args.int8_head
     else:
         config = SVDQuantConfig(
             rank=args.rank if args.rank is not None else args.rank_map,
@@ -112,6 +115,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             group_size=args.group_size,
             residual_method=args.residual_method,
             calibration=calibration,
+            int8_head=args.int8_head,
         )
     source = resolve_model_id(args.model)
     start = time.perf_counter()

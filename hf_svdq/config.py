@@ -54,6 +54,10 @@ class SVDQuantConfig(QuantizationConfigMixin):
         calibration: A :class:`~hf_svdq.calibration.CalibrationConfig` (or dict) for activation-aware
             compression; only a summary (source, sha256, sizes) is saved.
         damp: Eigenvalue floor of the activation Gram, as a share of its mean eigenvalue.
+        int8_head: Keep an in-memory INT8 (per-row) copy of the output head and use it for decode-sized
+            inputs on CPU, where the float head is the largest read per token; the checkpoint still
+            stores the float head (often tied to the embedding), so this costs 1 byte per head weight
+            of memory and nothing on disk. Larger inputs (prefill) use the float head.
         format_version: Version of the on-disk layout (:data:`hf_svdq.format.FORMAT_VERSION`).
 
     Raises:
@@ -77,6 +81,7 @@ class SVDQuantConfig(QuantizationConfigMixin):
         damp: float = 0.01,
         ranks: Mapping[str, int] | None = None,
         dense: Mapping[str, str] | None = None,
+        int8_head: bool = False,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
         **kwargs: Any,
@@ -141,6 +146,9 @@ class SVDQuantConfig(QuantizationConfigMixin):
         if refine_steps and residual_bits is None:
             raise ValueError("refine_steps applies to residual mode (residual_bits=4|8)")
         self.refine_steps = refine_steps
+        if not isinstance(int8_head, bool):
+            raise ValueError(f"int8_head must be True or False, got {int8_head!r}")  # noqa: TRY004 (config errors are ValueError)
+        self.int8_head = int8_head
         policies = [n for n in ("rank", "energy", "target_bits_per_weight", "target_param_ratio") if getattr(self, n) is not None]
         if len(policies) > 1:
             raise ValueError(f"give one rank policy, got {policies}")
@@ -252,5 +260,6 @@ class SVDQuantConfig(QuantizationConfigMixin):
             "damp": self.damp,
             "ranks": None if self.ranks is None else dict(self.ranks),
             "dense": None if self.dense is None else dict(self.dense),
+            "int8_head": self.int8_head,
         }
 

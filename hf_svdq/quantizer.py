@@ -17,6 +17,7 @@ This is the only module that touches transformers' quantizer hooks. Three paths:
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,8 @@ from .plan import (
     recorded_ranks,
     resolve_plan,
 )
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -115,8 +118,10 @@ class SVDQuantizer(HfQuantizer):
             config.ranks, config.dense = recorded_ranks(decisions), recorded_dense(decisions)
             log_plan(decisions)
             _attach_hub(model)
+            _maybe_int8_head(model, config)
             return
         _attach_hub(model)
+        _maybe_int8_head(model, config)
         for name, module in model.named_modules():
             if not isinstance(module, COMPRESSED_LAYERS):
                 continue
@@ -138,8 +143,10 @@ class SVDQuantizer(HfQuantizer):
         return None, {fmt.METADATA_FORMAT_KEY: str(fmt.FORMAT_VERSION)}
 
     def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:
+        from .head import SVDQInt8Head
+
         for name, module in list(model.named_modules()):
-            if isinstance(module, COMPRESSED_LAYERS):
+            if isinstance(module, (*COMPRESSED_LAYERS, SVDQInt8Head)):
                 model.set_submodule(name, module.to_dense_module(dtype))
         return model
 
@@ -266,6 +273,15 @@ def _swap_in(model: nn.Module, name: str, rank: int, config: SVDQuantConfig, den
         # placeholder stops transformers <= 5.20 from casting it to the int8 dtype of the factor first.
         new.weight = nn.Parameter(torch.empty(new.weight.shape, dtype=weight.dtype, device="meta"), requires_grad=False)
     model.set_submodule(name, new)
+
+
+def _maybe_int8_head(model: nn.Module, config: SVDQuantConfig) -> None:
+    if config.int8_head:
+        from .head import install_int8_head
+
+        name = install_int8_head(model)
+        if name is not None:
+            logger.info("hf_svdq: %s keeps an in-memory INT8 copy for decode (int8_head=True)", name)
 
 
 def _register_on_import() -> None:

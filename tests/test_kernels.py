@@ -291,3 +291,41 @@ def test_two_threads_generating_at_once_give_the_tokens_of_one(kernels, tiny_che
         for w in workers:
             w.join()
     assert all(torch.equal(together[i], alone[i]) for i in range(2))
+
+
+def test_int8_head_decodes_from_int8_and_stores_nothing_new(kernels, tiny_checkpoint, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from hf_svdq import SVDQuantConfig
+    from hf_svdq.head import SVDQInt8Head
+
+    config = SVDQuantConfig(rank=4, residual_bits=4, group_size=16, int8_head=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"), quantization_config=config)
+    head = model.lm_head
+    assert isinstance(head, SVDQInt8Head) and head.weight is model.model.embed_tokens.weight
+    hidden = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        exact = torch.nn.functional.linear(hidden, head.weight)
+        decoded = head(hidden)
+        assert not torch.equal(decoded, exact)  # the INT8 copy really is used for one row
+        assert (decoded - exact).abs().max() <= 0.01 * exact.abs().max()
+        large = torch.randn(1, 40, 64)
+        assert torch.equal(head(large), torch.nn.functional.linear(large, head.weight))  # prefill: the float head
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if k.startswith("lm_head")]  # noqa: SIM118 (safe_open is no dict)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(again.lm_head, SVDQInt8Head) and again.config.quantization_config.int8_head is True
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        assert torch.equal(again.generate(ids, max_new_tokens=6, do_sample=False), model.generate(ids, max_new_tokens=6, do_sample=False))
+    again.dequantize()
+    assert type(again.lm_head) is torch.nn.Linear
+
+
+def test_int8_head_must_be_a_bool():
+    from hf_svdq import SVDQuantConfig
+
+    with pytest.raises(ValueError, match="int8_head"):
+        SVDQuantConfig(rank=4, int8_head="yes")
