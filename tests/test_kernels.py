@@ -329,3 +329,19 @@ def test_int8_head_must_be_a_bool():
 
     with pytest.raises(ValueError, match="int8_head"):
         SVDQuantConfig(rank=4, int8_head="yes")
+
+
+@pytest.mark.parametrize("user_value", [None, "123"])
+def test_first_parallel_launch_gives_numba_a_spin_count_and_restores_the_environment(monkeypatch, user_value):
+    import os
+
+    monkeypatch.setattr(backend, "_parallel_is_thread_safe", None)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    if user_value is None:
+        monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    else:
+        monkeypatch.setenv("GOMP_SPINCOUNT", user_value)
+    seen = []
+    assert backend.run_parallel(lambda a: seen.append(os.environ.get("GOMP_SPINCOUNT")) or a, 7) == 7
+    assert seen == [user_value or backend.SPIN_COUNT]
+    assert os.environ.get("GOMP_SPINCOUNT") == user_value
