@@ -7,7 +7,9 @@ in the same run.
 
     python benchmarks/load_and_decode.py [--repeats 3] [--tokens 64] [--prefill 512] [--json out.json]
 
-Columns: decode tokens/s (greedy ``generate``, ``--tokens`` new tokens) at 1 and 2 threads; prefill
+Columns: decode tokens/s (greedy ``generate``, ``--tokens`` new tokens) at 1 and 2 threads, each also
+as a paired ratio (dense fp32 loaded in the same process and timed in alternation with the variant);
+prefill
 seconds for one ``--prefill``-token forward with the active kernels and with the pure-PyTorch reference
 (``HF_SVDQ_KERNELS=reference``, the path every release before the fused kernels used); load seconds;
 peak RSS of the process after load + decode; checkpoint bytes.
@@ -107,12 +109,41 @@ def child(folder: str, dtype: str | None, tokens: int, prefill: int) -> dict[str
     torch.set_num_threads(2)
     result["decode_2t"] = _decode_tok_s(model, ids, tokens)
     torch.set_num_threads(1)
-    result["prefill_s"] = _prefill_s(model, prefill)
     result["peak_rss"] = mem.peak_rss()
     result["backend"] = backend.active().name if any("SVDQ" in type(m).__name__ for m in model.modules()) else "-"
-    os.environ[backend.BACKEND_ENV] = "reference"
+    active, reference = [], []
+    for _ in range(3):  # alternated, so a slow spell of the machine hits both paths
+        for choice, times in (("auto", active), ("reference", reference)):
+            os.environ[backend.BACKEND_ENV] = choice
+            backend.reset()
+            times.append(_prefill_s(model, prefill))
+    result["prefill_s"] = statistics.median(active)
+    result["prefill_reference_s"] = statistics.median(reference)
+    os.environ[backend.BACKEND_ENV] = "auto"
     backend.reset()
-    result["prefill_reference_s"] = _prefill_s(model, prefill)
+    result.update(_paired_decode(model, ids, tokens))
+    return result
+
+
+def _paired_decode(model: Any, ids: Any, tokens: int, pairs: int = 3) -> dict[str, float]:
+    """Decode speed relative to dense fp32 loaded into this same process, timed in alternation
+    (dense, this, dense, this, ...), so a slow spell of the shared machine hits both sides of a pair.
+    Returns the median over pairs of dense seconds / this model's seconds, at 1 and 2 threads."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hf_svdq.real_model import smollm2_checkpoint
+
+    dense = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint())
+    result = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        ratios = []
+        for _ in range(pairs):
+            dense_s = tokens / _decode_tok_s(dense, ids, tokens)
+            ratios.append(dense_s / (tokens / _decode_tok_s(model, ids, tokens)))
+        result[f"paired_{threads}t"] = statistics.median(ratios)
+    torch.set_num_threads(1)
     return result
 
 
@@ -177,17 +208,20 @@ def render(medians: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         (f"SmolLM2-135M-Instruct, CPU, medians of {args.repeats}; decode {args.tokens} new tokens, prefill "
         f"{args.prefill} tokens at 1 thread; x = ratio to dense fp32 in this run (higher is better for tok/s, "
         "lower for seconds and bytes)"),
-        (f"{'variant':<36} {'kernels':>9} {'1t tok/s':>9} {'x':>5} {'2t tok/s':>9} {'x':>5} {'prefill s':>10} "
-        f"{'x ref':>6} {'load s':>7} {'peak RSS MB':>12} {'x':>5} {'ckpt MB':>8} {'x':>6}"),
+        (f"{'variant':<36} {'kernels':>9} {'1t tok/s':>9} {'x':>5} {'paired':>6} {'2t tok/s':>9} {'x':>5} {'paired':>6} "
+         f"{'prefill s':>10} {'x ref':>6} {'load s':>7} {'peak RSS MB':>12} {'x':>5} {'ckpt MB':>8} {'x':>6}"),
     ]
     for name, row in medians.items():
         lines.append(
             f"{name:<36} {row['backend']:>9} {row['decode_1t']:>9.1f} {row['decode_1t'] / dense['decode_1t']:>5.2f} "
-            f"{row['decode_2t']:>9.1f} {row['decode_2t'] / dense['decode_2t']:>5.2f} {row['prefill_s']:>10.2f} "
+            f"{row['paired_1t']:>6.2f} {row['decode_2t']:>9.1f} {row['decode_2t'] / dense['decode_2t']:>5.2f} "
+            f"{row['paired_2t']:>6.2f} {row['prefill_s']:>10.2f} "
             f"{row['prefill_reference_s'] / row['prefill_s']:>6.2f} {row['load_s']:>7.2f} {row['peak_rss'] / 1e6:>12.0f} "
             f"{row['peak_rss'] / dense['peak_rss']:>5.2f} {row['checkpoint_bytes'] / 1e6:>8.0f} "
             f"{row['checkpoint_bytes'] / dense['checkpoint_bytes']:>6.3f}"
         )
+    lines.append("x: ratio of medians across processes; paired: median of dense/this decode time over 3 pairs timed in "
+                 "alternation inside one process (robust to slow spells of a shared machine)")
     lines.append("x ref: prefill time of the pure-PyTorch reference path / this path (>= 1 means the new path is not slower)")
     return "\n".join(lines)
 
