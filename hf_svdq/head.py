@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backend
 from .groupquant import pack_codes, quantize_rtn
-from .ops import residual_linear
+from .ops import residual_linear, uses_fused_kernels
 
 
 class SVDQInt8Head(nn.Module):
@@ -39,10 +38,7 @@ class SVDQInt8Head(nn.Module):
         self.register_buffer("code_zero", quantized.zero, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        chosen = backend.active()
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if (chosen.module is not None and 0 < rows <= chosen.max_rows and x.device.type == "cpu"
-                and not (torch.is_grad_enabled() and x.requires_grad)):
+        if uses_fused_kernels(x):
             return residual_linear(x, self.codes, self.code_scale, self.code_zero, 8, bias=self.bias)
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 

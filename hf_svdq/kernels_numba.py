@@ -48,7 +48,8 @@ def prepare(x, group_size, interleaved, vh, vh_scale, xg, xsum, t):  # pragma: n
     """Per-call activation side work, shared by every output row.
 
     ``xg`` gets ``x`` with each group's even elements first and odd ones second when ``interleaved``
-    (INT4 codes hold elements ``2j``/``2j+1`` in the low/high nibble of byte ``j``), else a copy;
+    (INT4 codes hold elements ``2j``/``2j+1`` in the low/high nibble of byte ``j``; otherwise it is
+    not written, the caller passes ``x`` itself);
     ``xsum[m, g]`` the group sums (for the zero points); ``t[m, k] = (x[m] . vh[k]) * vh_scale[k]``.
     """
     rows, n = x.shape
@@ -65,9 +66,6 @@ def prepare(x, group_size, interleaved, vh, vh_scale, xg, xsum, t):  # pragma: n
                 for j in range(half):
                     xg[m, base + j] = x[m, base + 2 * j]
                     xg[m, base + half + j] = x[m, base + 2 * j + 1]
-            else:
-                for k in range(group_size):
-                    xg[m, base + k] = x[m, base + k]
         for k in range(t.shape[1]):
             acc = np.float32(0.0)
             for i in range(n):
@@ -79,7 +77,7 @@ def prepare(x, group_size, interleaved, vh, vh_scale, xg, xsum, t):  # pragma: n
 def add_correction(u, u_scale, t, bias, out, start, stop):  # pragma: no cover - compiled
     """``out[m, o] += u_scale[o] * (u[o] . t[m]) + bias[o]`` for rows ``[start, stop)`` (empty ``u``/``bias``
     mean none). A separate pass on purpose: fused into the base loop it kept LLVM from vectorizing the
-    dot products (measured 2x slower)."""
+    dot products (measured 1.75x slower: 0.205 against 0.117 ms on a 1536x576 INT4 pass)."""
     rank = t.shape[1]
     has_bias = bias.shape[0] > 0
     for o in range(start, stop):
@@ -188,7 +186,7 @@ def _prepared(x, bits, codes, vh, vh_scale):  # pragma: no cover - compiled
     rows = x.shape[0]
     groups = codes.shape[1]
     group_size = codes.shape[2] * 8 // bits
-    xg = np.empty_like(x)
+    xg = np.empty_like(x) if bits == 4 else x  # INT8 codes are in x's own order
     xsum = np.empty((rows, groups), np.float32)
     t = np.empty((rows, vh.shape[0]), np.float32)
     prepare(x, group_size, bits == 4, vh, vh_scale, xg, xsum, t)
@@ -247,7 +245,7 @@ def low_rank_forward_parallel(x, u, u_scale, vh, vh_scale, bias, blocks):  # pra
 
 
 @njit(nogil=True, fastmath=True, cache=True)
-def dequantize_rows(codes, scale_bits, zero, interleaved, out, start, stop):  # pragma: no cover - compiled
+def dequantize_group_rows(codes, scale_bits, zero, interleaved, out, start, stop):  # pragma: no cover - compiled
     """``out[o] = Q[o]`` (float32, natural column order) for rows ``[start, stop)`` of a group-quantized base:
     the dequantize half of the dequantize-then-GEMM path for inputs too large for the fused kernels."""
     groups = codes.shape[1]
@@ -269,9 +267,9 @@ def dequantize_rows(codes, scale_bits, zero, interleaved, out, start, stop):  # 
 
 
 @njit(nogil=True, fastmath=True, cache=True, parallel=True)
-def dequantize_parallel(codes, scale_bits, zero, interleaved, out, blocks):  # pragma: no cover - compiled
-    """:func:`dequantize_rows` over ``blocks`` contiguous row blocks in parallel."""
+def dequantize_group_parallel(codes, scale_bits, zero, interleaved, out, blocks):  # pragma: no cover - compiled
+    """:func:`dequantize_group_rows` over ``blocks`` contiguous row blocks in parallel."""
     n = codes.shape[0]
     step = (n + blocks - 1) // blocks
     for b in prange(blocks):
-        dequantize_rows(codes, scale_bits, zero, interleaved, out, b * step, min(n, b * step + step))
+        dequantize_group_rows(codes, scale_bits, zero, interleaved, out, b * step, min(n, b * step + step))
