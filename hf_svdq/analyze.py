@@ -23,7 +23,7 @@ from .activations import dense_grams, find_blocks
 from .config import SVDQuantConfig
 from .evaluation import DEFAULT_PROMPTS, tokenize_text
 from .plan import find_linear_layers, protected_layers, resolve_plan
-from .policy import Thresholds, build_policy, classify, save_policy, thresholds_dict
+from .policy import Thresholds, build_policy, classify, find_outliers, save_policy, thresholds_dict
 from .probes import GROUPINGS, MODES, Prober, estimate_seconds, group_layers, run_probes
 from .sensitivity import LayerIsolation, family, format_isolation, isolate_layers
 
@@ -157,7 +157,7 @@ def analyze(
     decisions = resolve_plan(find_linear_layers(model), config, protected_layers(model), next(model.parameters()).element_size())
     names = [d.spec.name for d in decisions if d.rank is not None]
     if config.calibration is not None:
-        ids = config.calibration.token_ids(tokenizer)
+        ids = config.calibration.token_ids(tokenizer, model)
         grams = dense_grams(model, names, ids, config.calibration.batch_size, config.calibration.stats_cache, progress)
     timings["activation_statistics_s"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -186,17 +186,23 @@ def analyze(
 
     classes = classify(probes["alone"], int(dense_measures["loops"]), probes.get("leave_one_out"), all_measures,
                        settings.thresholds)
+    alone_kl = {g: m["kl"] for g, m in probes["alone"].items()}
+    outliers = find_outliers(alone_kl, settings.thresholds)
+    for group, reason in outliers.items():
+        logger.warning("hf_svdq analysis: %s kept dense: %s", group, reason)
     budget = settings.budget_bits_per_weight
     if budget is None and settings.max_ppl_ratio is None:
-        compressed = sum(r.compressed_bytes for r in rows)
+        # the analysed setting's bytes, plus what keeping the outliers dense costs on top of them
+        outlier_layers = {n for g in outliers for n in groups[g]}
+        compressed = sum(r.dense_bytes if r.name in outlier_layers else r.compressed_bytes for r in rows)
         budget = 8 * compressed / sum(r.out_features * r.in_features for r in rows)
     all_layers = {d.spec.name: d.reason or "not analysed" for d in decisions if d.rank is None}
     policy: dict[str, Any] | None = None
     try:
         policy = build_policy(
-            rows, spectra, groups, {g: m["kl"] for g, m in probes["alone"].items()}, classes, config, all_layers,
+            rows, spectra, groups, alone_kl, classes, config, all_layers,
             next(model.parameters()).element_size(), budget, settings.max_ppl_ratio, settings.rank_step, _model_info(model),
-            pillars=settings.pillars,
+            pillars=settings.pillars, outliers=outliers,
         )
         policy["thresholds"] = thresholds_dict(settings.thresholds)
     except ValueError as err:  # keep the measurements: the report still gets written, without a policy

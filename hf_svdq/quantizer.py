@@ -113,7 +113,7 @@ class SVDQuantizer(HfQuantizer):
 
             ids = None
             if config.calibration is not None:
-                ids = config.calibration.token_ids(_calibration_tokenizer(model, config))
+                ids = config.calibration.token_ids(_calibration_tokenizer(model, config), model)
             decisions = compress_model(model, config, self._decisions, ids)
             config.ranks, config.dense = recorded_ranks(decisions), recorded_dense(decisions)
             log_plan(decisions)
@@ -221,7 +221,7 @@ def _calibration_tokenizer(model: nn.Module, config: SVDQuantConfig) -> Any:
 
     calibration = config.calibration
     assert calibration is not None
-    if calibration.input_ids is not None:
+    if calibration.input_ids is not None or calibration.dataset == "model":
         return None
     source = calibration.tokenizer or getattr(model.config, "name_or_path", None)
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
