@@ -138,3 +138,22 @@ def test_reused_probes_give_the_same_classes_and_a_protect_policy(fragile):
     assert again.policy["predicted"]["bits_per_weight"] <= 12.0 + 1e-9
     with pytest.raises(ValueError, match="another setting"):
         analyze(model, CharTokenizer(), SVDQuantConfig(rank=12, rank_floor=4), TEXT, settings, progress=False, reuse=report)
+
+
+def test_default_policy_keeps_the_planted_outlier_dense_and_compresses_the_rest():
+    """Issue 10: with the default settings (pillars compete, budget = the analysed bytes) the one
+    catastrophically fragile layer used to get the same rank as the others; it is an outlier now."""
+    model = fragile_llama()
+    settings = AnalysisSettings(eval_tokens=256, window=128, prompts=("hello there",), max_new_tokens=8, modes=("alone",))
+    analysis = analyze(model, CharTokenizer(), SVDQuantConfig(rank=16, rank_floor=4), TEXT, settings, progress=False)
+    policy = analysis.policy
+    assert FRAGILE not in policy["ranks"] and policy["dense"][FRAGILE].startswith("policy: pillar, outlier")
+    assert policy["classes"][FRAGILE]["outlier"].startswith("outlier: KL alone")
+    assert policy["classes"][FRAGILE]["reason"].startswith("KL alone")  # every layer says why it got its class
+    robust = [n for n, c in policy["classes"].items() if c["class"] == "robust"]
+    assert robust and all(n in policy["ranks"] for n in robust)
+    # the bytes of keeping it dense come on top of the analysed setting's, not out of the other layers
+    assert policy["criterion"]["budget_bits_per_weight"] > 8 * sum(r.compressed_bytes for r in analysis.rows) / sum(
+        r.out_features * r.in_features for r in analysis.rows)
+    config = SVDQuantConfig.from_policy(policy)
+    assert FRAGILE in config.dense and FRAGILE not in config.ranks

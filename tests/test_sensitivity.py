@@ -109,3 +109,36 @@ def test_calibrated_policy_without_calibration_warns():
     with pytest.warns(UserWarning, match="calibration"):
         kwargs = config_kwargs_from_policy(doc)
     assert kwargs["residual_method"] == "rtn" and kwargs["ranks"] == {"x": 4}
+
+
+def test_outliers_are_found_robustly():
+    from hf_svdq.policy import Thresholds, find_outliers
+
+    generator = torch.Generator().manual_seed(0)
+    bulk = {f"layer{i}": float(10 ** (-3 + 0.5 * torch.randn((), generator=generator))) for i in range(40)}
+    assert find_outliers(bulk) == {}
+    planted = {**bulk, "pillar": 10.0}  # ~10^4 x the median
+    found = find_outliers(planted)
+    assert list(found) == ["pillar"] and "robust z" in found["pillar"]
+    # two catastrophic layers do not hide each other (the spread is a median, not a standard deviation)
+    assert set(find_outliers({**planted, "pillar2": 5.0})) == {"pillar", "pillar2"}
+    # a near-lossless setting flags nothing, however far out (KL below min_kl)
+    assert find_outliers({k: v * 1e-6 for k, v in planted.items()}) == {}
+    # identical layers: the spread floor keeps a 3x excess from counting
+    assert find_outliers({**{f"l{i}": 0.01 for i in range(10)}, "x": 0.03}) == {}
+    assert find_outliers({"a": 1.0, "b": 1e-3}) == {}  # too few groups to judge
+    with pytest.raises(ValueError, match="outlier_z"):
+        Thresholds(outlier_z=0)
+
+
+def test_smollm2_analysis_has_no_outlier_but_its_strongest_layers_are_pillars():
+    """The recorded SmolLM2 analysis: its strongest layers are 13-130x the median, within the bulk's
+    spread (robust z <= 2.8), so no layer is forced dense there."""
+    import json
+    from pathlib import Path
+
+    from hf_svdq.policy import find_outliers
+
+    report = json.loads((Path(__file__).resolve().parent.parent / "benchmarks/results/analysis-smollm2/report.json").read_text())
+    alone = {g: m["kl"] for g, m in report["probes"]["alone"].items()}
+    assert len(alone) == 210 and find_outliers(alone) == {}
