@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import cli_analyze, cli_hub
+from .check import DEFAULT_PROMPT
 from .real_model import SMOLLM2_ALIAS
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress = sub.add_parser("compress", help="compress a model and save a reloadable checkpoint")
     compress.add_argument("model", help=f"local folder or Hub id; {SMOLLM2_ALIAS} = bundled SmolLM2-135M-Instruct")
     compress.add_argument("outdir", type=Path)
-    ranks = compress.add_mutually_exclusive_group(required=True)
+    ranks = compress.add_mutually_exclusive_group()
     ranks.add_argument("--rank", type=int, help="one rank for every compressed layer")
     ranks.add_argument("--rank-map", type=_parse_rank_map, help='JSON {pattern: rank}, e.g. {"*.self_attn.*": 96}')
     ranks.add_argument("--energy", type=float, help="per matrix, keep this share of squared singular values")
@@ -43,14 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--residual-bits", type=int, choices=(4, 8), help="W ~ Q + L R: quantize, then low-rank the error")
     compress.add_argument("--group-size", type=int, default=64, help="quantization group size (residual mode)")
     compress.add_argument("--residual-method", choices=("gptq", "mse", "rtn"), help="default: gptq when calibrated, else rtn")
-    compress.add_argument("--calibration", type=Path, help="UTF-8 text file for activation-aware compression")
-    compress.add_argument("--calib-samples", type=int, default=64)
+    compress.add_argument("--calibration", help="UTF-8 text file, or a dataset: default, austen (bundled), model (sampled)")
+    compress.add_argument("--calib-samples", type=int, default=32, help="calibration windows (32 x 256 tokens: ~3 min on 2 cores)")
     compress.add_argument("--calib-seq-len", type=int, default=256)
     compress.add_argument("--dtype", choices=_DTYPES, default="auto", help="load (and compute) dtype")
     compress.add_argument("--int8-head", action="store_true",
                           help="decode with an in-memory INT8 copy of the output head (stored as is; see README)")
-    compress.add_argument("--prompt", help="generate from this prompt with the compressed model afterwards")
-    compress.add_argument("--max-new-tokens", type=int, default=40)
+    compress.add_argument("--prompt", default=DEFAULT_PROMPT,
+                          help="afterwards, answer this with the dense and the compressed model side by side")
+    compress.add_argument("--no-check", action="store_true",
+                          help="skip the check after saving (answers side by side, held-out perplexity, loop detector)")
+    compress.add_argument("--max-new-tokens", type=int, default=64, help="answer length in the check")
     compress.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     inspect = sub.add_parser("inspect", help="per-layer table of a saved checkpoint")
@@ -96,10 +100,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .real_model import resolve_model_id
     from .report import checkpoint_report, format_report
 
+    recommended = all(getattr(args, k) is None for k in ("rank", "rank_map", "energy", "target_bpw", "target_param_ratio", "policy"))
     calibration = None
-    if args.calibration is not None:
-        calibration = CalibrationConfig(file=str(args.calibration), n_samples=args.calib_samples, seq_len=args.calib_seq_len)
-    if args.policy is not None:
+    if args.calibration is not None or recommended:
+        calibration = CalibrationConfig.coerce_source(args.calibration or "default", args.calib_samples, args.calib_seq_len)
+    if recommended:
+        if args.residual_bits is not None or args.residual_method is not None:
+            raise ValueError("the recommended mode (no rank policy given) fixes --residual-bits/--residual-method; "
+                             "give a rank policy (e.g. --target-bpw) to choose them")
+        config = SVDQuantConfig.recommended(calibration=calibration, group_size=args.group_size, skip=args.skip,
+                                            int8_head=args.int8_head)
+        print(f"recommended mode: {config.describe()} (give --rank/--target-bpw/... for another)", file=sys.stderr)
+    elif args.policy is not None:
         if args.skip:
             raise ValueError("--skip cannot be combined with --policy: the policy lists the layers kept dense")
         config = SVDQuantConfig.from_policy(args.policy, calibration)
@@ -136,29 +148,29 @@ def cmd_compress(args: argparse.Namespace) -> int:
     except ValueError as err:  # e.g. every layer stayed dense: no card to write
         print(f"note: no model card written ({err})", file=sys.stderr)
     report = checkpoint_report(args.outdir)
+    check = None
+    if not args.no_check and tokenizer is None:
+        print("note: no check (the model has no tokenizer)", file=sys.stderr)
+    elif not args.no_check:
+        from .check import quick_check
+
+        dense = AutoModelForCausalLM.from_pretrained(source, dtype=_torch_dtype(args.dtype))
+        try:
+            check = quick_check(model, dense, tokenizer, args.prompt, args.max_new_tokens)
+        except ValueError as err:  # e.g. a tokenizer that cannot encode the held-out text: the checkpoint still stands
+            print(f"note: check skipped ({err})", file=sys.stderr)
+        del dense
     if args.json:
-        print(json.dumps({"load_and_compress_seconds": seconds, **report.to_dict()}, indent=2))
+        result = {"load_and_compress_seconds": seconds, **report.to_dict()}
+        print(json.dumps({**result, "check": None if check is None else check.to_dict()}, indent=2))
     else:
+        from .check import format_quick_check
+
         print(format_report(report, per_layer=False))
         print(f"load + compress: {seconds:.1f} s; saved to {args.outdir}")
-    if args.prompt:
-        if tokenizer is None:
-            print("error: --prompt needs a tokenizer", file=sys.stderr)
-            return 2
-        print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens))
+        if check is not None:
+            print(format_quick_check(check))
     return 0
-
-
-def generate_text(model: object, tokenizer: object, prompt: str, max_new_tokens: int) -> str:
-    """Greedy continuation of ``prompt`` (through the chat template when the tokenizer has one)."""
-    if getattr(tokenizer, "chat_template", None):
-        inputs = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-    else:
-        inputs = tokenizer(prompt, return_tensors="pt")  # type: ignore[operator]
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)  # type: ignore[attr-defined]
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)  # type: ignore[attr-defined]
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

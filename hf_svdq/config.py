@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -180,6 +181,35 @@ class SVDQuantConfig(QuantizationConfigMixin):
         from .policy import config_kwargs_from_policy
 
         return cls(**config_kwargs_from_policy(policy, calibration))
+
+    @classmethod
+    def recommended(
+        cls, bits_per_weight: float = 5.0, *, calibration: Any = "default", group_size: int = 64, **kwargs: Any
+    ) -> SVDQuantConfig:
+        """The mode we recommend: INT4 GPTQ (``group_size`` 64) plus a whitened INT8 low-rank correction of
+        its error, ``bits_per_weight`` in all (5.0: 1.035-1.04x dense perplexity on SmolLM2-135M), with one
+        refinement step, calibrated on ``calibration`` (default: the bundled public-domain text).
+        A string or list ``calibration`` gets 32 windows of 256 tokens (measured as good as 64 at half
+        the time); ``kwargs`` go to the constructor (``skip``, ``int8_head``, ...)."""
+        if isinstance(calibration, (str, os.PathLike, list, tuple)):
+            calibration = CalibrationConfig.coerce_source(calibration, n_samples=32, seq_len=256)
+        return cls(target_bits_per_weight=bits_per_weight, residual_bits=4, group_size=group_size, refine_steps=1,
+                   calibration=calibration, **kwargs)
+
+    def describe(self) -> str:
+        """One line: the mode, its budget or rank policy and the calibration."""
+        if self.residual_bits is not None:
+            method = (self.residual_method or "rtn").upper()
+            group = f"group {self.group_size}" if self.group_size else "per row"
+            mode = f"INT{self.residual_bits} {method} ({group}) + INT8 low-rank correction"
+        else:
+            mode = "INT8 low-rank factors" + (" (whitened)" if self.calibration is not None else "")
+        policy = (f"{self.target_bits_per_weight:g} bits/weight" if self.target_bits_per_weight is not None
+                  else f"{self.target_param_ratio:g} of the parameters" if self.target_param_ratio is not None
+                  else f"energy {self.energy:g}" if self.energy is not None
+                  else f"rank {self.rank}" if self.rank is not None else "resolved ranks")
+        calibration = "data-free" if self.calibration is None else f"calibrated on {self.calibration.summary()['source']}"
+        return f"{mode}, {policy}, {calibration}"
 
     @staticmethod
     def _validate_rank(rank: object, allow_zero: bool) -> int | dict[str, int] | None:

@@ -107,3 +107,24 @@ def test_analyze_bad_input_is_a_clear_error(extra, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
     assert main(["analyze", "unused-model", "--text", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")]) == 2
     assert "none.txt does not exist" in capsys.readouterr().err
+
+
+def test_compress_without_a_rank_policy_runs_the_recommended_mode(tiny_checkpoint, tmp_path, capsys):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)  # 256 wide: at 64 the rank floor alone would exceed 5 bits per weight
+    source = tmp_path / "wide"
+    tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=4, vocab_size=128)).save_pretrained(source)
+    out = tmp_path / "recommended"
+    code = main(["compress", str(source), str(out), "--calibration", "model", "--calib-samples", "2",
+                 "--calib-seq-len", "16", "--no-check"])
+    assert code == 0
+    assert "recommended mode: INT4 GPTQ (group 64) + INT8 low-rank correction, 5 bits/weight" in capsys.readouterr().err
+    saved = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (saved["residual_bits"], saved["group_size"], saved["target_bits_per_weight"]) == (4, 64, 5.0)
+    assert saved["residual_method"] == "gptq" and saved["calibration"]["source"] == "model (sampled, seed 0)"
+    # the recommended mode fixes the base quantizer: asking for another one needs a rank policy
+    assert main(["compress", str(tiny_checkpoint("llama")), str(tmp_path / "x"), "--residual-bits", "8"]) == 2
+    assert "give a rank policy" in capsys.readouterr().err
