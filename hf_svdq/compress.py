@@ -8,6 +8,7 @@ plain fixed-rank path runs during loading instead (:class:`hf_svdq.quantizer.SVD
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,8 +18,10 @@ from tqdm.auto import tqdm
 
 from ._memory import release_free_memory
 from .activations import block_grams, block_inputs, dense_grams, find_blocks, input_groups, run_block
-from .budget import allocate_ranks
+from .allocation import option_ranks, relative_error_curves
+from .budget import allocate_ranks, choose_options
 from .config import SVDQuantConfig
+from .fisher import output_sensitivity
 from .groupquant import CLIP_GRID, quantize_gptq, quantize_rtn
 from .linalg import LowRankInt8, energy_rank, low_rank_int8, quantize_int8_rows
 from .modules import SVDQLinear, dense_weight_of
@@ -45,14 +48,13 @@ def _spectrum(target: torch.Tensor, whitener: Whitener | None) -> torch.Tensor:
     return whitened_spectrum(target, whitener) if whitener is not None else torch.linalg.svdvals(target.to(torch.float64))
 
 
-def _base(weight: torch.Tensor, gram: torch.Tensor | None, config: SVDQuantConfig) -> Any:
+def _base(weight: torch.Tensor, gram: torch.Tensor | None, config: SVDQuantConfig, bits: int) -> Any:
     group = config.group_size or weight.shape[1]
-    assert config.residual_bits is not None
     if gram is not None and config.residual_method == "gptq":
-        return quantize_gptq(weight, gram, config.residual_bits, group, damp=config.damp)
+        return quantize_gptq(weight, gram, bits, group, damp=config.damp)
     importance = gram.diagonal() if gram is not None else None
     clips = CLIP_GRID if config.residual_method == "mse" else (1.0,)
-    return quantize_rtn(weight, config.residual_bits, group, importance, clips)
+    return quantize_rtn(weight, bits, group, importance, clips)
 
 
 def compress_layer(
@@ -65,7 +67,8 @@ def compress_layer(
     w = weight.detach().to(torch.float32)
     bias = getattr(module, "bias", None)
     whitener = Whitener.from_gram(gram, config.damp) if gram is not None else None
-    base = _base(w, gram, config) if config.residual_bits is not None else None
+    bits = config.bits_for(spec.name)
+    base = _base(w, gram, config, bits) if bits is not None else None
     target = w - base.dequantize() if base is not None else w
     if rank is None:
         if config.energy is None:
@@ -84,12 +87,12 @@ def compress_layer(
             new.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
     else:
         group = config.group_size or spec.in_features
-        new = SVDQResidualLinear(spec.in_features, spec.out_features, rank, config.residual_bits, group, bias is not None,
+        new = SVDQResidualLinear(spec.in_features, spec.out_features, rank, base.bits, group, bias is not None,
                                  dtype=dtype, transposed=transposed)
         correction = _low_rank(target, rank, gram, whitener, dtype) if rank else None
         for _ in range(config.refine_steps if correction is not None else 0):
             # alternate: re-quantize what the correction does not explain, then refit the correction
-            base = _base(w - correction.dequantize(), gram, config)
+            base = _base(w - correction.dequantize(), gram, config, base.bits)
             correction = _low_rank(w - base.dequantize(), rank, gram, whitener, dtype)
         new.load(base, correction, bias)
     return new.to(weight.device), rank
@@ -135,6 +138,44 @@ def budget_ranks(model: nn.Module, targets: Sequence[LayerDecision], config: SVD
     return ranks
 
 
+def mixed_budget(model: nn.Module, targets: Sequence[LayerDecision], config: SVDQuantConfig,
+                 grams: dict[str, torch.Tensor], ids: torch.Tensor | None = None) -> tuple[dict[str, int], dict[str, int]]:
+    """``(ranks, layer_bits)`` for ``config.bit_choices`` under ``target_bits_per_weight``: one
+    (bits, rank) option per layer minimising the summed relative output error (:mod:`hf_svdq.allocation`),
+    each layer's weighted by its Fisher sensitivity when calibrated (:mod:`hf_svdq.fisher`; the weighted
+    sum predicts the perplexity ratio, left in ``config.prediction``); ``layer_bits`` lists the layers
+    whose bits differ from ``residual_bits``."""
+    assert config.bit_choices is not None and config.target_bits_per_weight is not None
+    names = [d.spec.name for d in targets]
+    batch = config.calibration.batch_size if config.calibration is not None else 4
+    kappa = output_sensitivity(model, names, ids, batch) if ids is not None else dict.fromkeys(names, 1.0)
+    options: dict[str, list[tuple[object, float, float]]] = {}
+    numbers = 0
+    for d in tqdm(targets, desc="scoring bit/rank options", disable=len(targets) < 8):
+        weight, _ = dense_weight_of(model.get_submodule(d.spec.name))
+        curves = relative_error_curves(weight, grams.get(d.spec.name), config.bit_choices, config.group_size, config.damp)
+        limit = min(d.spec.out_features, d.spec.in_features)
+        weight_of = kappa[d.spec.name]
+        options[d.spec.name] = [((bits, r), float(layer_bytes(d.spec, r, config, weight.element_size(), bits)),
+                                 weight_of * float(curve[r])) for bits, curve in curves.items() for r in option_ranks(limit)]
+        numbers += d.spec.out_features * d.spec.in_features
+    budget = config.target_bits_per_weight * numbers / 8
+    try:
+        chosen = choose_options(options, budget=budget)
+    except ValueError as err:
+        raise ValueError(f"target_bits_per_weight {config.target_bits_per_weight} cannot be met with bit_choices "
+                         f"{config.bit_choices} ({err})") from None
+    keys = {n: o[0] for n, o in chosen.items()}
+    ranks = {n: int(k[1]) for n, k in keys.items()}  # type: ignore[index]
+    layer_bits = {n: int(k[0]) for n, k in keys.items() if k[0] != config.residual_bits}  # type: ignore[index]
+    total = sum(o[2] for o in chosen.values())
+    config.prediction = {"weighted": ids is not None, "objective": total,
+                         "perplexity_ratio": math.exp(total) if ids is not None else None}
+    logger.info("hf_svdq: mixed budget: %d of %d layers at other bits than %d; objective %.4g%s", len(layer_bits), len(keys),
+                config.residual_bits, total, f" (predicted perplexity ratio {math.exp(total):.4f})" if ids is not None else "")
+    return ranks, layer_bits
+
+
 def compress_model(
     model: nn.Module, config: SVDQuantConfig, decisions: Sequence[LayerDecision], ids: torch.Tensor | None,
     progress: bool = True,
@@ -153,7 +194,10 @@ def compress_model(
         grams = dense_grams(model, [d.spec.name for d in targets], ids, batch,
                             calibration.stats_cache if calibration else None, progress)
     fixed: dict[str, int | None] = {d.spec.name: (d.rank if d.rank >= 0 else None) for d in targets}
-    if budgeted:
+    if budgeted and config.bit_choices:
+        ranks, config.layer_bits = mixed_budget(model, targets, config, grams, ids)
+        fixed.update(ranks)
+    elif budgeted:
         fixed.update(budget_ranks(model, targets, config, grams))
 
     results: dict[str, tuple[nn.Module | None, int]] = {}

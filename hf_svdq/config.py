@@ -52,6 +52,11 @@ class SVDQuantConfig(QuantizationConfigMixin):
             (round-to-nearest with a per-group clip search, activation-weighted when calibrated) or
             ``"rtn"`` (plain min/max round-to-nearest, the data-free default).
         refine_steps: Residual mode: alternate re-quantizing ``W - L R`` and refitting ``L R`` this many times.
+        bit_choices: Residual mode with ``target_bits_per_weight``: base bit widths the budget may give each
+            layer (e.g. ``[4, 8]``), chosen with its rank to minimise the summed relative output error;
+            must include ``residual_bits``. The result is saved in ``layer_bits``.
+        layer_bits: Resolved ``{module name: base bits}`` for layers whose base width differs from
+            ``residual_bits`` (filled in at compression and saved, like ``ranks``).
         calibration: A :class:`~hf_svdq.calibration.CalibrationConfig` (or dict) for activation-aware
             compression; only a summary (source, sha256, sizes) is saved.
         damp: Eigenvalue floor of the activation Gram, as a share of its mean eigenvalue.
@@ -78,6 +83,8 @@ class SVDQuantConfig(QuantizationConfigMixin):
         group_size: int | None = 64,
         residual_method: str | None = None,
         refine_steps: int = 0,
+        bit_choices: Sequence[int] | None = None,
+        layer_bits: Mapping[str, int] | None = None,
         calibration: CalibrationConfig | Mapping[str, Any] | None = None,
         damp: float = 0.01,
         ranks: Mapping[str, int] | None = None,
@@ -147,6 +154,9 @@ class SVDQuantConfig(QuantizationConfigMixin):
         if refine_steps and residual_bits is None:
             raise ValueError("refine_steps applies to residual mode (residual_bits=4|8)")
         self.refine_steps = refine_steps
+        self.bit_choices = self._validate_bit_choices(bit_choices, residual_bits, target_bits_per_weight)
+        self.prediction: dict[str, Any] | None = None  # set by a mixed budget at compression; not saved
+        self.layer_bits = self._validate_layer_bits(layer_bits, residual_bits)
         if not isinstance(int8_head, bool):
             raise ValueError(f"int8_head must be True or False, got {int8_head!r}")  # noqa: TRY004 (config errors are ValueError)
         self.int8_head = int8_head
@@ -237,6 +247,42 @@ class SVDQuantConfig(QuantizationConfigMixin):
         return dict(ranks)
 
     @staticmethod
+    def _validate_bit_choices(choices: object, residual_bits: int | None, target: object) -> list[int] | None:
+        if choices is None:
+            return None
+        if isinstance(choices, (str, bytes)) or not isinstance(choices, Sequence) or not choices:
+            raise ValueError(f"bit_choices must be a non-empty list of bit widths, got {choices!r}")
+        for bits in choices:
+            if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+                raise ValueError(f"bit_choices: every entry must be one of {SUPPORTED_BITS}, got {bits!r}")
+        if residual_bits is None or residual_bits not in choices:
+            raise ValueError(f"bit_choices {list(choices)} must include residual_bits ({residual_bits!r})")
+        if target is None:
+            raise ValueError("bit_choices needs target_bits_per_weight (the budget that picks each layer's bits)")
+        return sorted(set(choices))
+
+    @staticmethod
+    def _validate_layer_bits(layer_bits: object, residual_bits: int | None) -> dict[str, int] | None:
+        if layer_bits is None:
+            return None
+        if residual_bits is None:
+            raise ValueError("layer_bits applies to residual mode (residual_bits=4|8)")
+        if not isinstance(layer_bits, Mapping):
+            raise ValueError(f"layer_bits must be a mapping of module name to bits, got {layer_bits!r}")  # noqa: TRY004 (config errors are ValueError)
+        for name, bits in layer_bits.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"layer_bits: module names must be non-empty strings, got {name!r}")
+            if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+                raise ValueError(f"layer_bits[{name!r}] must be one of {SUPPORTED_BITS}, got {bits!r}")
+        return dict(layer_bits)
+
+    def bits_for(self, name: str) -> int | None:
+        """The base bit width of layer ``name`` (None outside residual mode)."""
+        if self.residual_bits is None:
+            return None
+        return (self.layer_bits or {}).get(name, self.residual_bits)
+
+    @staticmethod
     def _validate_dense(dense: object) -> dict[str, str] | None:
         if dense is None:
             return None
@@ -286,6 +332,8 @@ class SVDQuantConfig(QuantizationConfigMixin):
             "group_size": self.group_size,
             "residual_method": self.residual_method,
             "refine_steps": self.refine_steps,
+            "bit_choices": None if self.bit_choices is None else list(self.bit_choices),
+            "layer_bits": None if self.layer_bits is None else dict(self.layer_bits),
             "calibration": None if self.calibration is None else self.calibration.summary(),
             "damp": self.damp,
             "ranks": None if self.ranks is None else dict(self.ranks),

@@ -28,7 +28,9 @@ in ``nn.Linear`` layout ``[out, in]`` also for ``Conv1D`` sources.
 =========================  ===========================  ========  ==================================
 
 ``Q = (codes - zero) * scale`` per group of ``g`` input columns; the four ``weight_u*``/``weight_vh*``
-tensors are absent when ``r = 0``. The 3-D code tensor cannot match a dense ``[out, in]`` weight.
+tensors are absent when ``r = 0``. ``bits`` is ``residual_bits`` of ``config.json``'s
+``quantization_config``, or the layer's entry in its ``layer_bits`` (mixed-precision budgets); the
+loader checks every layer's code tensor against the width its config names. The 3-D code tensor cannot match a dense ``[out, in]`` weight.
 
 The left factor is deliberately stored under the dense name ``weight``: its shape ``[out, r]``
 never equals the dense ``[out, in]`` (a layer is only compressed when ``r < in``), so a

@@ -118,14 +118,16 @@ def resolve_plan(
     return decisions
 
 
-def layer_bytes(spec: LinearSpec, rank: int, config: SVDQuantConfig, scale_bytes: int) -> int:
-    """Stored bytes of one compressed layer at ``rank`` (bias excluded), for either layout."""
+def layer_bytes(spec: LinearSpec, rank: int, config: SVDQuantConfig, scale_bytes: int, bits: int | None = None) -> int:
+    """Stored bytes of one compressed layer at ``rank`` (bias excluded), for either layout; ``bits``
+    overrides the layer's base width (default: :meth:`SVDQuantConfig.bits_for`)."""
     m, n = spec.out_features, spec.in_features
     lowrank = factor_bytes(m, n, rank, scale_bytes) if rank else 0
-    if config.residual_bits is None:
+    bits = bits if bits is not None else config.bits_for(spec.name)
+    if bits is None:
         return lowrank
     group = config.group_size or n
-    return m * n * config.residual_bits // 8 + m * (n // group) * 3 + lowrank
+    return m * n * bits // 8 + m * (n // group) * 3 + lowrank
 
 
 def _decide_rank(spec: LinearSpec, requested: int, dense_element_bytes: int, config: SVDQuantConfig) -> LayerDecision:
@@ -152,6 +154,10 @@ def plan_from_resolved(specs: Sequence[LinearSpec], config: SVDQuantConfig) -> l
             f"SVDQuantConfig.ranks names {len(unknown)} module(s) that are not Linear layers of this model, "
             f"e.g. {unknown[:3]}: the config was made for another architecture"
         )
+    stray = sorted(set(config.layer_bits or {}) - set(ranks))
+    if stray:
+        raise ValueError(f"SVDQuantConfig.layer_bits names {len(stray)} module(s) that are not compressed (not in ranks), "
+                         f"e.g. {stray[:3]}")
     if config.dense is not None:
         uncovered = [s.name for s in specs if s.name not in ranks and s.name not in config.dense]
         if uncovered:

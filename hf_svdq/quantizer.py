@@ -213,7 +213,7 @@ def _check_checkpoint(files: list[str] | None, decisions: list[LayerDecision], c
     for d in decisions:
         if d.rank is not None:
             check_layer(headers, d.spec.name, d.spec.out_features, d.spec.in_features, d.rank,
-                        config.residual_bits, config.group_size)
+                        config.bits_for(d.spec.name), config.group_size)
 
 
 def _calibration_tokenizer(model: nn.Module, config: SVDQuantConfig) -> Any:
@@ -255,7 +255,7 @@ def _swap_in(model: nn.Module, name: str, rank: int, config: SVDQuantConfig, den
     out_features, in_features = weight.shape
     if config.residual_bits is not None:  # only reached on reload: residual mode compresses after load
         model.set_submodule(name, SVDQResidualLinear(
-            in_features, out_features, rank, config.residual_bits, config.group_size or in_features,
+            in_features, out_features, rank, config.bits_for(name), config.group_size or in_features,
             bias=getattr(old, "bias", None) is not None, dtype=weight.dtype, device="meta", transposed=transposed,
         ))
         return

@@ -86,8 +86,10 @@ def checkpoint_report(folder: str | Path) -> CheckpointReport:
     dense_notes: dict[str, str] = qconfig.get("dense") or {}
 
     rows, compressed_tensors = [], set()
-    bits, group_size = qconfig.get("residual_bits"), qconfig.get("group_size")
+    residual_bits, group_size = qconfig.get("residual_bits"), qconfig.get("group_size")
+    layer_bits: dict[str, int] = qconfig.get("layer_bits") or {}
     for name, rank in ranks.items():
+        bits = layer_bits.get(name, residual_bits)
         first = f"{name}.{fmt.LEFT}"
         if first not in headers:
             raise ValueError(f"{folder}: compressed layer {name} lacks tensor {first}")

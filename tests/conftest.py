@@ -137,3 +137,16 @@ def smollm2_int4_r24(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactor
     config = SVDQuantConfig(rank=24, residual_bits=4, group_size=64)
     AutoModelForCausalLM.from_pretrained(smollm2_path, quantization_config=config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def wide_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-block random Llama 256 wide (at 64 wide, a rank floor alone exceeds a 5-bit budget)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("wide-llama")
+    config = tf.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                            num_key_value_heads=4, vocab_size=128)
+    tf.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
