@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--residual-bits", type=int, choices=(4, 8), help="W ~ Q + L R: quantize, then low-rank the error")
     compress.add_argument("--group-size", type=int, default=64, help="quantization group size (residual mode)")
     compress.add_argument("--residual-method", choices=("gptq", "mse", "rtn"), help="default: gptq when calibrated, else rtn")
+    compress.add_argument("--bit-choices", type=int, nargs="+", choices=(4, 8), metavar="BITS",
+                          help="with --target-bpw: base widths each layer may get, e.g. 4 8 (mixed precision)")
+    compress.add_argument("--heal-steps", type=int, default=0,
+                          help="after compressing, distil the low-rank factors against the dense model this many steps")
     compress.add_argument("--calibration", help="UTF-8 text file, or a dataset: default, austen (bundled), model (sampled)")
     compress.add_argument("--calib-samples", type=int, default=32, help="calibration windows (32 x 256 tokens: ~3 min on 2 cores)")
     compress.add_argument("--calib-seq-len", type=int, default=256)
@@ -105,8 +109,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.calibration is not None or recommended:
         calibration = CalibrationConfig.coerce_source(args.calibration or "default", args.calib_samples, args.calib_seq_len)
     if recommended:
-        if args.residual_bits is not None or args.residual_method is not None:
-            raise ValueError("the recommended mode (no rank policy given) fixes --residual-bits/--residual-method; "
+        if args.residual_bits is not None or args.residual_method is not None or args.bit_choices is not None:
+            raise ValueError("the recommended mode (no rank policy given) fixes --residual-bits/--residual-method/--bit-choices; "
                              "give a rank policy (e.g. --target-bpw) to choose them")
         config = SVDQuantConfig.recommended(calibration=calibration, group_size=args.group_size, skip=args.skip,
                                             int8_head=args.int8_head)
@@ -128,18 +132,30 @@ def cmd_compress(args: argparse.Namespace) -> int:
             residual_method=args.residual_method,
             calibration=calibration,
             int8_head=args.int8_head,
+            bit_choices=args.bit_choices,
         )
+    if args.heal_steps and calibration is None:
+        raise ValueError("--heal-steps needs calibration text (--calibration FILE or a dataset name)")
     source = resolve_model_id(args.model)
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(source, quantization_config=config, dtype=_torch_dtype(args.dtype))
     seconds = time.perf_counter() - start
-    model.save_pretrained(args.outdir)
     tokenizer = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        tokenizer.save_pretrained(args.outdir)
     except (OSError, ValueError) as err:
         print(f"note: no tokenizer saved ({err})", file=sys.stderr)
+    if args.heal_steps:
+        from .healing import heal_with_config
+
+        teacher = AutoModelForCausalLM.from_pretrained(source, dtype=_torch_dtype(args.dtype))
+        healed = heal_with_config(model, teacher, tokenizer, args.heal_steps)
+        print(f"healing: {healed.steps} steps on {healed.tokens} tokens, KL to dense {healed.kl_before:.4f} -> "
+              f"{healed.kl_after:.4f} ({healed.seconds:.0f} s)", file=sys.stderr)
+        del teacher
+    model.save_pretrained(args.outdir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.outdir)
     from .hub import base_model_of
     from .model_card import write_model_card
 

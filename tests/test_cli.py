@@ -109,14 +109,8 @@ def test_analyze_bad_input_is_a_clear_error(extra, message, tmp_path, capsys):
     assert "none.txt does not exist" in capsys.readouterr().err
 
 
-def test_compress_without_a_rank_policy_runs_the_recommended_mode(tiny_checkpoint, tmp_path, capsys):
-    import torch
-    import transformers as tf
-
-    torch.manual_seed(0)  # 256 wide: at 64 the rank floor alone would exceed 5 bits per weight
-    source = tmp_path / "wide"
-    tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
-                                       num_key_value_heads=4, vocab_size=128)).save_pretrained(source)
+def test_compress_without_a_rank_policy_runs_the_recommended_mode(tiny_checkpoint, wide_llama, tmp_path, capsys):
+    source = wide_llama
     out = tmp_path / "recommended"
     code = main(["compress", str(source), str(out), "--calibration", "model", "--calib-samples", "2",
                  "--calib-seq-len", "16", "--no-check"])
@@ -128,3 +122,15 @@ def test_compress_without_a_rank_policy_runs_the_recommended_mode(tiny_checkpoin
     # the recommended mode fixes the base quantizer: asking for another one needs a rank policy
     assert main(["compress", str(tiny_checkpoint("llama")), str(tmp_path / "x"), "--residual-bits", "8"]) == 2
     assert "give a rank policy" in capsys.readouterr().err
+
+
+def test_compress_heals_when_asked(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "healed"
+    code = main(["compress", str(tiny_checkpoint("llama")), str(out), "--rank", "8", "--calibration", "model",
+                 "--calib-samples", "4", "--calib-seq-len", "16", "--heal-steps", "3", "--no-check"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "healing: 3 steps on 64 tokens, KL to dense" in err
+    assert (out / "model.safetensors").is_file()
+    assert main(["compress", str(tiny_checkpoint("llama")), str(tmp_path / "x"), "--rank", "8", "--heal-steps", "3"]) == 2
+    assert "--heal-steps needs calibration" in capsys.readouterr().err
