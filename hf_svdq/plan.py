@@ -115,7 +115,23 @@ def resolve_plan(
             decisions.append(LayerDecision(spec, None, "no rank pattern matched"))
             continue
         decisions.append(_decide_rank(spec, rule[1], dense_element_bytes, config))
+    _check_group_size(decisions, config)
     return decisions
+
+
+def _check_group_size(decisions: Sequence[LayerDecision], config: SVDQuantConfig) -> None:
+    """A group size that divides no eligible layer's width would leave the whole model dense: an error.
+    One that divides only some leaves the others dense: a warning naming how many and the widths."""
+    misfit = [d for d in decisions if d.rank is None and d.reason.startswith("group_size")]
+    if not misfit:
+        return
+    widths = sorted({d.spec.in_features for d in misfit})
+    if not any(d.rank is not None for d in decisions):
+        raise ValueError(f"group_size {config.group_size} divides the input width of none of the {len(misfit)} eligible layers "
+                         f"(widths {widths}): every layer would stay dense; choose a divisor of those widths")
+    warnings.warn(f"group_size {config.group_size} does not divide the input width {widths} of {len(misfit)} layer(s), "
+                  f"e.g. {misfit[0].spec.name}: they stay dense (bits per weight over compressed layers leave them out)",
+                  UserWarning, stacklevel=4)
 
 
 def layer_bytes(spec: LinearSpec, rank: int, config: SVDQuantConfig, scale_bytes: int, bits: int | None = None) -> int:

@@ -76,3 +76,15 @@ def test_resolved_plan_round_trip_and_errors():
         plan_from_resolved(SPECS, SVDQuantConfig(ranks={"transformer.h.0.attn.c_attn": 8}))
     with pytest.raises(ValueError, match=r"ranks\['model.layers.0.self_attn.q_proj'\] = 64"):
         plan_from_resolved(SPECS, SVDQuantConfig(ranks={"model.layers.0.self_attn.q_proj": 64}))
+
+
+def test_a_group_size_that_fits_no_layer_is_an_error_and_one_that_fits_some_warns():
+    """Issue 11 (3): group 48 on 64-wide layers used to leave every layer dense without a word."""
+    from hf_svdq.plan import LinearSpec, resolve_plan
+
+    specs = [LinearSpec("a", 64, 64, False), LinearSpec("b", 64, 96, False)]
+    with pytest.raises(ValueError, match=r"group_size 40 divides the input width of none of the 2 eligible layers \(widths \[64, 96\]\)"):
+        resolve_plan(specs, SVDQuantConfig(rank=8, residual_bits=4, group_size=40), {}, 4)
+    with pytest.warns(UserWarning, match=r"group_size 48 does not divide the input width \[64\] of 1 layer\(s\), e.g. a"):
+        decisions = resolve_plan(specs, SVDQuantConfig(rank=8, residual_bits=4, group_size=48), {}, 4)
+    assert [d.rank for d in decisions] == [None, 8]
