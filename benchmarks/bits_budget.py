@@ -1,11 +1,13 @@
 """Quality at a bits-per-weight budget: uniform INT4 + correction against mixed INT4/INT8 (``bit_choices``).
 
 For each run ``BPW:CHOICES:GROUP[:METHOD]`` (e.g. ``6.5:4,8:64``; CHOICES ``4`` = today's uniform INT4 base;
-BPW ``r0`` = plain group quantization, no correction, the baselines: ``r0:4:64:rtn``, ``r0:4:128:gptq``; GROUP
+BPW ``rN`` = a fixed rank N, ``r0`` = plain group quantization, no correction, the baselines: ``r0:4:64:rtn``,
+``r0:4:128:gptq``, ``r24:4:64:gptq,refine``; GROUP
 ``row`` = one group per row)
 compresses SmolLM2-135M-Instruct (GPTQ, whitened correction, one refinement step, calibrated on the
 bundled text, 32 x 256 tokens), saves it, reads the bits per weight back from the files, and prints one
-JSON line: perplexity ratios to dense on the first 4096 tokens of prideprejudice.txt and emma.txt,
+JSON line (``left_dense_by_group_size``: layers whose width the group size does not divide, kept dense and
+not counted in the bits; a row with any is not a comparison at equal bits): perplexity ratios to dense on the first 4096 tokens of prideprejudice.txt and emma.txt,
 KL and top-1 on pride, how many layers got 8 bits, and load + compress seconds.
 
     python benchmarks/bits_budget.py 6.5:4,8:64 5.0:4,8:64 4.5:4,8:64 4.25:4,8:64 [--json out.jsonl]
@@ -47,10 +49,11 @@ def main() -> None:
         bits = [int(b) for b in choices.split(",")]
         calibration = CalibrationConfig(dataset="austen", n_samples=32)
         group_size = None if group == "row" else int(group)
-        if bpw == "r0":
-            rtn = method == ["rtn"]
-            config = SVDQuantConfig(rank=0, residual_bits=bits[0], group_size=group_size, residual_method=method[0] if method else "gptq",
-                                    calibration=None if rtn else calibration)
+        if bpw.startswith("r"):  # a fixed rank: r0 = plain group quantization; METHOD may add ",refine"
+            methods = method[0].split(",") if method else ["gptq"]
+            rtn = methods[0] == "rtn"
+            config = SVDQuantConfig(rank=int(bpw[1:]), residual_bits=bits[0], group_size=group_size, residual_method=methods[0],
+                                    refine_steps=int("refine" in methods), calibration=None if rtn else calibration)
         else:
             config = SVDQuantConfig(
                 target_bits_per_weight=float(bpw), residual_bits=4, group_size=group_size, refine_steps=1, rank_floor=0,
@@ -64,7 +67,9 @@ def main() -> None:
             report = checkpoint_report(tmp)
         measured = perplexity_and_agreement(model, pride, settings, dense, progress=False)
         emma_ratio = perplexity_and_agreement(model, emma, settings, progress=False)["perplexity"] / dense_emma
+        dense_layers = [n for n, why in (model.config.quantization_config.dense or {}).items() if "does not divide" in why]
         row = {"run": run, "bits_per_weight": round(report.bits_per_weight_compressed(), 3),
+               "left_dense_by_group_size": len(dense_layers),
                "pride_ratio": round(measured["perplexity_ratio"], 4), "emma_ratio": round(emma_ratio, 4),
                "kl": round(measured["kl"], 4), "top1": round(measured["top1_agreement"], 3),
                "int8_layers": len(model.config.quantization_config.layer_bits or {}), "seconds": round(seconds, 1),
