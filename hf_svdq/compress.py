@@ -65,6 +65,9 @@ def compress_layer(
     weight, transposed = dense_weight_of(module)
     dtype = weight.dtype
     w = weight.detach().to(torch.float32)
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"{spec.name}.weight has {bad} non-finite value(s) (NaN/Inf): refusing to compress it")
     bias = getattr(module, "bias", None)
     whitener = Whitener.from_gram(gram, config.damp) if gram is not None else None
     bits = config.bits_for(spec.name)
@@ -95,6 +98,9 @@ def compress_layer(
             base = _base(w - correction.dequantize(), gram, config, base.bits)
             correction = _low_rank(w - base.dequantize(), rank, gram, whitener, dtype)
         new.load(base, correction, bias)
+    for tensor_name, tensor in new.named_parameters():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{spec.name}.{tensor_name}: compression produced non-finite values; please report it")
     return new.to(weight.device), rank
 
 

@@ -137,6 +137,8 @@ class SVDQuantConfig(QuantizationConfigMixin):
         self.rank_floor = rank_floor
         if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0):
             raise ValueError(f"group_size must be a positive int or None (one group per row), got {group_size!r}")
+        if residual_bits == 4 and group_size is not None and group_size % 2:
+            raise ValueError(f"group_size must be even with residual_bits=4 (two codes per byte), got {group_size!r}")
         self.group_size = group_size
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < 1:
             raise ValueError(f"damp must be in [0, 1), got {damp!r}")

@@ -33,6 +33,13 @@ def check_group_args(in_features: int, bits: int, group_size: int) -> None:
         raise ValueError(f"residual_bits must be one of {SUPPORTED_BITS}, got {bits!r}")
     if group_size <= 0 or in_features % group_size:
         raise ValueError(f"group_size {group_size} must divide in_features {in_features}")
+    if group_size * bits % 8:
+        raise ValueError(f"group_size {group_size} at {bits} bits is not a whole number of bytes (INT4 packs two codes per byte)")
+
+
+MIN_SCALE = float(torch.finfo(torch.float16).tiny)
+"""Smallest group scale (the smallest normal fp16, 6.1e-5): scales are stored as fp16, and a smaller
+one (an all-zero or near-constant group) would round to 0 or a subnormal and turn codes into NaN."""
 
 
 def dequantize_groups(
@@ -50,7 +57,7 @@ def _group_params(w: torch.Tensor, bits: int, clip: float = 1.0) -> tuple[torch.
     qmax = 2**bits - 1
     lo = torch.clamp(w.min(dim=1).values * clip, max=0.0)
     hi = torch.clamp(w.max(dim=1).values * clip, min=0.0)
-    scale = ((hi - lo) / qmax).clamp(min=1e-8).to(torch.float16).to(torch.float32)
+    scale = ((hi - lo) / qmax).clamp(min=MIN_SCALE).to(torch.float16).to(torch.float32)
     zero = torch.round(-lo / scale).clamp(0, qmax)
     return scale, zero
 

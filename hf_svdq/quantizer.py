@@ -191,6 +191,9 @@ class SVDQuantizeOp(ConversionOps):
         expected = (module.out_features, module.in_features)
         if tuple(weight.shape) != expected:
             raise ValueError(f"hf_svdq: {full_layer_name} has shape {tuple(dense.shape)}, expected {expected}")
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"{full_layer_name} has {int((~torch.isfinite(weight)).sum())} non-finite value(s) (NaN/Inf): "
+                             "refusing to compress it")
         module.load_factors(low_rank_int8(weight, module.rank, module.weight_scale.dtype))
         module._is_hf_initialized = True
         module._hf_svdq_filled = True
