@@ -37,9 +37,10 @@ def check_group_args(in_features: int, bits: int, group_size: int) -> None:
         raise ValueError(f"group_size {group_size} at {bits} bits is not a whole number of bytes (INT4 packs two codes per byte)")
 
 
-MIN_SCALE = float(torch.finfo(torch.float16).tiny)
-"""Smallest group scale (the smallest normal fp16, 6.1e-5): scales are stored as fp16, and a smaller
-one (an all-zero or near-constant group) would round to 0 or a subnormal and turn codes into NaN."""
+MIN_SCALE = 2.0**-24
+"""Smallest group scale, the smallest positive fp16 (5.96e-8): scales are stored as fp16, and the
+scale of an all-zero or near-constant group used to be clamped to 1e-8, which rounds to fp16 zero and
+turned its codes into NaN. Only such degenerate groups (INT4 range below ~1e-6) reach this floor."""
 
 
 def dequantize_groups(
