@@ -59,6 +59,7 @@ class SVDQuantizer(HfQuantizer):
     def __init__(self, quantization_config: SVDQuantConfig, **kwargs: Any) -> None:
         # Work on a copy: resolving the plan writes into the config, and the caller may reuse theirs.
         super().__init__(copy.deepcopy(quantization_config), **kwargs)
+        self.non_finite: list[str] = []  # source weights refused during quantize-on-load
         if self.pre_quantized and not self.quantization_config.is_resolved:
             raise ValueError(
                 "this checkpoint's quantization_config (quant_method 'svdq') has no resolved `ranks`; "
@@ -108,6 +109,8 @@ class SVDQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
         config = self.quantization_config
+        if self.non_finite:
+            raise ValueError("; ".join(self.non_finite))
         if self._after_load:
             from .compress import compress_model
 
@@ -192,8 +195,11 @@ class SVDQuantizeOp(ConversionOps):
         if tuple(weight.shape) != expected:
             raise ValueError(f"hf_svdq: {full_layer_name} has shape {tuple(dense.shape)}, expected {expected}")
         if not torch.isfinite(weight).all():
-            raise ValueError(f"{full_layer_name} has {int((~torch.isfinite(weight)).sum())} non-finite value(s) (NaN/Inf): "
-                             "refusing to compress it")
+            # raised from _process_model_after_weight_loading: some transformers versions swallow the
+            # message of an error raised here into a report that does not show it
+            self.hf_quantizer.non_finite.append(
+                f"{full_layer_name} has {int((~torch.isfinite(weight)).sum())} non-finite value(s) (NaN/Inf): refusing to compress it")
+            weight = torch.zeros_like(weight)
         module.load_factors(low_rank_int8(weight, module.rank, module.weight_scale.dtype))
         module._is_hf_initialized = True
         module._hf_svdq_filled = True
