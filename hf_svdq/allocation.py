@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .budget import tail_loss
 from .groupquant import quantize_rtn
 from .whitening import Whitener, whitened_spectrum
 
@@ -34,9 +35,8 @@ def relative_error_curves(
     for bits in bit_choices:
         error = w - quantize_rtn(w, bits, group, importance).dequantize()
         spectrum = whitened_spectrum(error, whitener) if whitener is not None else torch.linalg.svdvals(error.double())
-        power = spectrum.to(torch.float64) ** 2
-        tail = torch.flip(torch.cumsum(torch.flip(power, [0]), 0), [0])
-        curves[bits] = torch.cat([tail, torch.zeros(1, dtype=torch.float64)]) / energy
+        # tail_loss is the tail as a share of the error's energy; rescale it to a share of the layer's
+        curves[bits] = tail_loss(spectrum) * (float(spectrum.to(torch.float64).pow(2).sum()) / energy)
     return curves
 
 

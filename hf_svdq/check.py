@@ -16,7 +16,6 @@ from typing import Any
 from torch import nn
 
 from .calibration import HELDOUT_TEXT
-from .degeneration import degeneration_report
 from .evaluation import EvalSettings, generation_health, perplexity_and_agreement, tokenize_text
 
 DEFAULT_PROMPT = "What is the capital of France?"
@@ -60,11 +59,12 @@ def quick_check(
     settings = EvalSettings(window=512, stride=512, max_tokens=heldout_tokens, max_new_tokens=max_new_tokens)
     ids = tokenize_text(tokenizer, Path(heldout).read_text(encoding="utf-8"), heldout_tokens)
     measured = perplexity_and_agreement(model, ids, settings, dense, progress=False)
-    answers = [generation_health(m, tokenizer, [prompt], max_new_tokens, progress=False)["samples"][0] for m in (dense, model)]
-    health = degeneration_report(answers[1]["text"])
+    # each sample already carries its degeneration measures (loop, loop_unit, ...)
+    dense_sample, sample = (generation_health(m, tokenizer, [prompt], max_new_tokens, progress=False)["samples"][0]
+                            for m in (dense, model))
     return QuickCheck(
-        prompt=prompt, dense_answer=answers[0]["text"], answer=answers[1]["text"], loops=bool(health["loop"]),
-        loop_unit=health["loop_unit"], dense_loops=bool(answers[0]["loop"]), heldout_text=Path(heldout).name,  # type: ignore[arg-type]
+        prompt=prompt, dense_answer=dense_sample["text"], answer=sample["text"], loops=bool(sample["loop"]),
+        loop_unit=sample["loop_unit"], dense_loops=bool(dense_sample["loop"]), heldout_text=Path(heldout).name,
         heldout_tokens=int(measured["tokens"]), perplexity=float(measured["perplexity"]),
         dense_perplexity=float(measured["reference_perplexity"]), max_ppl_ratio=max_ppl_ratio,
     )
