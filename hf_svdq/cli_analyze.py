@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -18,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("model", help=f"dense model folder, Hub id or {SMOLLM2_ALIAS}")
     p.add_argument("--text", type=Path, required=True, help="UTF-8 text for the probes' perplexity and KL")
     p.add_argument("--out", type=Path, required=True, help="folder for report.md/json, policy.json and the PNGs")
-    p.add_argument("--calibration", type=Path, help="UTF-8 text for activation statistics (use a different text)")
+    p.add_argument("--calibration", help="UTF-8 text file for activation statistics (use a different text), or a bundled "
+                                         "dataset name ('austen')")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--mode", choices=MODES, help="setting to analyse (default: whitened with --calibration, else plain)")
@@ -30,6 +32,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--skip", nargs="*", default=[], metavar="PATTERN", help="module patterns never compressed")
     p.add_argument("--residual-bits", type=int, choices=(4, 8), default=4, help="residual mode: base quantizer bits")
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--bit-choices", type=int, nargs="+", choices=(4, 8), metavar="BITS",
+                   help="residual mode: probe every layer at these base bits (INT4 with correction ranks 0/16/32/64, "
+                        "INT8) and allocate the --target-bpw budget over the measured KLs; writes policy.json with "
+                        "per-layer bits")
     goal = p.add_mutually_exclusive_group()
     goal.add_argument("--budget", type=float, help="policy byte budget in bits per weight over the analysed layers "
                                                    "(default: the bytes of the analysed setting)")
@@ -56,12 +62,12 @@ def _setting(args: argparse.Namespace) -> object:
         raise ValueError("--mode whitened needs --calibration FILE")
     if mode == "plain" and args.calibration is not None:
         raise ValueError("--mode plain is data-free; drop --calibration or use --mode whitened")
-    if args.calibration is not None and not args.calibration.is_file():
-        raise FileNotFoundError(f"--calibration {args.calibration} does not exist")
+    if args.bit_choices and (mode != "residual" or args.calibration is None):
+        raise ValueError("--bit-choices needs --mode residual and --calibration")
     calibration = None
     if args.calibration is not None:
-        calibration = CalibrationConfig(file=str(args.calibration), n_samples=args.calib_samples, seq_len=args.calib_seq_len,
-                                        sequential=False)
+        calibration = dataclasses.replace(
+            CalibrationConfig.coerce_source(args.calibration, args.calib_samples, args.calib_seq_len), sequential=False)
     policy: dict[str, object] = {}
     if args.rank is not None:
         policy["rank"] = args.rank
@@ -75,7 +81,9 @@ def _setting(args: argparse.Namespace) -> object:
         policy["target_bits_per_weight"] = 5.0
     else:
         policy["target_param_ratio"] = 0.8
-    residual = {"residual_bits": args.residual_bits, "group_size": args.group_size} if mode == "residual" else {}
+    residual: dict[str, object] = {"residual_bits": args.residual_bits, "group_size": args.group_size} if mode == "residual" else {}
+    if args.bit_choices:
+        residual.update(bit_choices=sorted(set(args.bit_choices) | {args.residual_bits}), refine_steps=1, rank_floor=0)
     return SVDQuantConfig(skip=args.skip, calibration=calibration, **policy, **residual)  # type: ignore[arg-type]
 
 
@@ -88,7 +96,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     if not args.text.is_file():
         raise FileNotFoundError(f"--text {args.text} does not exist")
-    if args.calibration is not None and args.calibration.resolve() == args.text.resolve():
+    if args.calibration is not None and Path(args.calibration).resolve() == args.text.resolve():
         raise ValueError("--calibration and --text are the same file: never calibrate on the text you evaluate on")
     if not 1 <= args.prompts <= len(DEFAULT_PROMPTS):
         raise ValueError(f"--prompts must be between 1 and {len(DEFAULT_PROMPTS)}, got {args.prompts}")
@@ -109,6 +117,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
     start = time.perf_counter()
+    if args.bit_choices:
+        return _option_analysis(model, tokenizer, config, args, start)
     analysis = analyze(model, tokenizer, config, args.text.read_text(encoding="utf-8"), settings, reuse=reuse)  # type: ignore[arg-type]
     analysis.timings["total_s"] = time.perf_counter() - start
     analysis.info["text"] = str(args.text)
@@ -120,4 +130,21 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if analysis.policy is None:
         print(f"hf-svdq analyze: no policy written: {analysis.policy_error}", file=sys.stderr)
         return 3
+    return 0
+
+
+def _option_analysis(model: object, tokenizer: object, config: object, args: argparse.Namespace, start: float) -> int:
+    """``--bit-choices``: probe the residual options of every layer and allocate the budget over them."""
+    from .evaluation import DEFAULT_PROMPTS
+    from .option_analysis import analyze_options
+
+    analysis = analyze_options(model, tokenizer, config, args.text.read_text(encoding="utf-8"),  # type: ignore[arg-type]
+                               eval_tokens=args.eval_tokens, prompts=DEFAULT_PROMPTS[: args.prompts])
+    analysis.timings["total_s"] = time.perf_counter() - start
+    paths = analysis.write(args.out)
+    dense, plan, predicted = analysis.dense_measures, analysis.plan_measures, analysis.policy["predicted"]
+    print(json.dumps({"bits_per_weight": predicted["bits_per_weight"], "layer_bits": len(analysis.policy["layer_bits"]),
+                      "predicted_kl": predicted["kl"], "measured_kl": plan["kl"],
+                      "measured_ppl_ratio": plan["perplexity"] / dense["perplexity"], "loops": plan["loops"],
+                      "timings_s": analysis.timings, "files": {k: str(v) for k, v in paths.items()}}, indent=2))
     return 0

@@ -48,7 +48,9 @@ def _spectrum(target: torch.Tensor, whitener: Whitener | None) -> torch.Tensor:
     return whitened_spectrum(target, whitener) if whitener is not None else torch.linalg.svdvals(target.to(torch.float64))
 
 
-def _base(weight: torch.Tensor, gram: torch.Tensor | None, config: SVDQuantConfig, bits: int) -> Any:
+def base_quantization(weight: torch.Tensor, gram: torch.Tensor | None, config: SVDQuantConfig, bits: int) -> Any:
+    """The residual mode's base: ``weight`` (float32 ``[out, in]``) group-quantized at ``bits`` by the
+    config's method (GPTQ when calibrated, else round-to-nearest)."""
     group = config.group_size or weight.shape[1]
     if gram is not None and config.residual_method == "gptq":
         return quantize_gptq(weight, gram, bits, group, damp=config.damp)
@@ -59,9 +61,12 @@ def _base(weight: torch.Tensor, gram: torch.Tensor | None, config: SVDQuantConfi
 
 def compress_layer(
     module: nn.Module, spec: LinearSpec, rank: int | None, config: SVDQuantConfig, gram: torch.Tensor | None,
+    base: Any = None,
 ) -> tuple[nn.Module | None, int]:
     """A compressed replacement of ``module`` and its rank; ``(None, rank)`` when the break-even
-    guard keeps it dense. ``rank=None`` means: choose it from the spectrum (``config.energy``)."""
+    guard keeps it dense. ``rank=None`` means: choose it from the spectrum (``config.energy``).
+    ``base``: a :func:`base_quantization` of this weight at this layer's bits, reused (probes
+    build several ranks over one base)."""
     weight, transposed = dense_weight_of(module)
     dtype = weight.dtype
     w = weight.detach().to(torch.float32)
@@ -71,7 +76,8 @@ def compress_layer(
     bias = getattr(module, "bias", None)
     whitener = Whitener.from_gram(gram, config.damp) if gram is not None else None
     bits = config.bits_for(spec.name)
-    base = _base(w, gram, config, bits) if bits is not None else None
+    if base is None and bits is not None:
+        base = base_quantization(w, gram, config, bits)
     target = w - base.dequantize() if base is not None else w
     if rank is None:
         if config.energy is None:
@@ -95,7 +101,7 @@ def compress_layer(
         correction = _low_rank(target, rank, gram, whitener, dtype) if rank else None
         for _ in range(config.refine_steps if correction is not None else 0):
             # alternate: re-quantize what the correction does not explain, then refit the correction
-            base = _base(w - correction.dequantize(), gram, config, base.bits)
+            base = base_quantization(w - correction.dequantize(), gram, config, base.bits)
             correction = _low_rank(w - base.dequantize(), rank, gram, whitener, dtype)
         new.load(base, correction, bias)
     for tensor_name, tensor in new.named_parameters():

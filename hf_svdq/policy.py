@@ -37,7 +37,7 @@ from .sensitivity import LayerIsolation
 POLICY_VERSION = 1
 POLICY_KEY = "hf_svdq_policy"
 CLASSES = ("robust", "sensitive", "pillar")
-_SETTING_KEYS = ("residual_bits", "group_size", "residual_method", "refine_steps", "damp")
+SETTING_KEYS = ("residual_bits", "group_size", "residual_method", "refine_steps", "damp")
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ def build_policy(
         elif o[0] is None:
             dense[n] = f"policy: {layer_class[n]} ({classes[group_of[n]][1]})" if layer_class.get(n) == "pillar" else "policy: kept dense"
     total = sum(o[1] for o in chosen.values())
-    setting = {k: v for k, v in config.to_dict().items() if k in _SETTING_KEYS}
+    setting = {k: v for k, v in config.to_dict().items() if k in SETTING_KEYS}
     setting["calibrated"] = config.calibration is not None
     return {
         POLICY_KEY: POLICY_VERSION,
@@ -278,7 +278,7 @@ def load_policy(policy: str | Path | Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{source}: not an hf_svdq policy (no {POLICY_KEY!r} key)")
     if version != POLICY_VERSION:
         raise ValueError(f"{source}: policy version {version!r} is not supported (this hf_svdq reads {POLICY_VERSION})")
-    for key, kind in (("ranks", dict), ("dense", dict), ("setting", dict)):
+    for key, kind in (("ranks", dict), ("dense", dict), ("setting", dict), ("layer_bits", (dict, type(None)))):
         if not isinstance(policy.get(key), kind):
             raise ValueError(f"{source}: {key!r} must be a JSON object")
     return dict(policy)
@@ -288,7 +288,7 @@ def config_kwargs_from_policy(policy: str | Path | Mapping[str, Any], calibratio
     """``SVDQuantConfig`` keyword arguments that reproduce a policy's ranks and dense layers."""
     doc = load_policy(policy)
     setting = doc["setting"]
-    kwargs: dict[str, Any] = {k: setting[k] for k in _SETTING_KEYS if setting.get(k) is not None}
+    kwargs: dict[str, Any] = {k: setting[k] for k in SETTING_KEYS if setting.get(k) is not None}
     if setting.get("calibrated") and calibration is None:
         warnings.warn("this policy was analysed with calibrated (activation-aware) compression; pass calibration= to "
                       "reproduce it; compressing data-free", UserWarning, stacklevel=3)
@@ -298,6 +298,8 @@ def config_kwargs_from_policy(policy: str | Path | Mapping[str, Any], calibratio
         kwargs["calibration"] = calibration
     kwargs["ranks"] = doc["ranks"]
     kwargs["dense"] = doc["dense"]
+    if doc.get("layer_bits"):  # written by the residual-option analysis (hf_svdq.option_analysis)
+        kwargs["layer_bits"] = doc["layer_bits"]
     return kwargs
 
 
