@@ -63,6 +63,11 @@ class CalibrationConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"calibration.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.sequential, bool):
+            raise ValueError(f"calibration.sequential must be True or False, got {self.sequential!r}")  # noqa: TRY004
+        for name in ("tokenizer", "stats_cache"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), (str, os.PathLike)):
+                raise ValueError(f"calibration.{name} must be a path or name, got {getattr(self, name)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"calibration.seed must be a non-negative int, got {self.seed!r}")
         if self.file is not None:

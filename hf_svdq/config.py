@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -12,6 +13,11 @@ from .calibration import CalibrationConfig
 from .format import FORMAT_VERSION, QUANT_METHOD
 from .groupquant import SUPPORTED_BITS
 from .patterns import Pattern, compile_pattern, compile_patterns
+
+
+def _is_bits(value: object) -> bool:
+    """A supported bit width as an int (``True`` and ``4.0`` are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value in SUPPORTED_BITS
 
 
 def _check_rank(value: object, field: str, allow_zero: bool = False) -> int:
@@ -108,7 +114,7 @@ class SVDQuantConfig(QuantizationConfigMixin):
             )
         self.format_version = format_version
         self.residual_bits = residual_bits
-        if residual_bits is not None and residual_bits not in SUPPORTED_BITS:
+        if residual_bits is not None and not _is_bits(residual_bits):
             raise ValueError(f"residual_bits must be one of {SUPPORTED_BITS} or None, got {residual_bits!r}")
         self.rank = self._validate_rank(rank, allow_zero=residual_bits is not None)
         if skip is None:
@@ -124,9 +130,10 @@ class SVDQuantConfig(QuantizationConfigMixin):
             raise ValueError(f"energy must be a number in (0, 1], got {energy!r}")
         self.target_bits_per_weight = target_bits_per_weight
         if target_bits_per_weight is not None and (
-            isinstance(target_bits_per_weight, bool) or not isinstance(target_bits_per_weight, (int, float)) or target_bits_per_weight <= 0
+            isinstance(target_bits_per_weight, bool) or not isinstance(target_bits_per_weight, (int, float))
+            or not math.isfinite(target_bits_per_weight) or target_bits_per_weight <= 0
         ):
-            raise ValueError(f"target_bits_per_weight must be a positive number, got {target_bits_per_weight!r}")
+            raise ValueError(f"target_bits_per_weight must be a positive finite number, got {target_bits_per_weight!r}")
         self.target_param_ratio = target_param_ratio
         if target_param_ratio is not None and (
             isinstance(target_param_ratio, bool) or not isinstance(target_param_ratio, (int, float)) or not 0 < target_param_ratio < 1
@@ -255,7 +262,7 @@ class SVDQuantConfig(QuantizationConfigMixin):
         if isinstance(choices, (str, bytes)) or not isinstance(choices, Sequence) or not choices:
             raise ValueError(f"bit_choices must be a non-empty list of bit widths, got {choices!r}")
         for bits in choices:
-            if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+            if not _is_bits(bits):
                 raise ValueError(f"bit_choices: every entry must be one of {SUPPORTED_BITS}, got {bits!r}")
         if residual_bits is None or residual_bits not in choices:
             raise ValueError(f"bit_choices {list(choices)} must include residual_bits ({residual_bits!r})")
@@ -274,7 +281,7 @@ class SVDQuantConfig(QuantizationConfigMixin):
         for name, bits in layer_bits.items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"layer_bits: module names must be non-empty strings, got {name!r}")
-            if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+            if not _is_bits(bits):
                 raise ValueError(f"layer_bits[{name!r}] must be one of {SUPPORTED_BITS}, got {bits!r}")
         return dict(layer_bits)
 
@@ -319,6 +326,24 @@ class SVDQuantConfig(QuantizationConfigMixin):
         if isinstance(self.rank, int):
             return [(compile_pattern("*", "rank"), self.rank)]
         return [(compile_pattern(p, "rank"), r) for p, r in self.rank.items()]
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """The config of a saved checkpoint (``config.json``'s ``quantization_config``; transformers calls
+        this when loading). Its ``calibration`` must be the recorded summary: a saved config never names
+        calibration data, so a live source (a file, text, a dataset) is refused before anything is read
+        (a downloaded config could otherwise make loading open any path)."""
+        if not isinstance(config_dict, Mapping):
+            raise ValueError(f"quantization_config must be a JSON object, got {type(config_dict).__name__}")  # noqa: TRY004
+        calibration = config_dict.get("calibration")
+        if calibration is not None and not (isinstance(calibration, Mapping) and "sha256" in calibration):
+            shown = sorted(calibration) if isinstance(calibration, Mapping) else type(calibration).__name__
+            raise ValueError(
+                f"quantization_config.calibration must be the recorded summary (with 'sha256') in a saved config, got "
+                f"{shown}: calibration is a compress-time input and loading never reads it; to compress with calibration "
+                "pass SVDQuantConfig(calibration=...) to from_pretrained"
+            )
+        return super().from_dict(dict(config_dict), return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         return {

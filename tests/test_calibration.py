@@ -62,7 +62,7 @@ def test_saved_summary_holds_no_data_and_round_trips():
         ({"rank": 8, "energy": 0.9}, "one rank policy"),
         ({"energy": 1.5}, r"energy must be a number in \(0, 1\], got 1.5"),
         ({"target_param_ratio": 1.2}, "target_param_ratio must be in"),
-        ({"target_bits_per_weight": -1}, "target_bits_per_weight must be a positive number, got -1"),
+        ({"target_bits_per_weight": -1}, "target_bits_per_weight must be a positive finite number, got -1"),
         ({"rank": 8, "residual_bits": 3}, "residual_bits must be one of"),
         ({"rank": 0}, "rank must be a positive int, got 0"),
         ({"rank": 8, "residual_bits": 4, "residual_method": "gptq"}, "needs calibration"),
