@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -27,8 +28,36 @@ def read_headers(files: Iterable[str | os.PathLike[str]]) -> TensorHeaders:
     return headers
 
 
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def check_single_or_sharded(files: Iterable[str | os.PathLike[str]]) -> None:
+    """Refuse a folder holding both a single-file save and a sharded one: one of them is stale, and
+    transformers would load the single file without a word."""
+    for folder in sorted({Path(f).parent for f in files}):
+        if (folder / SINGLE_FILE).is_file() and (folder / INDEX_FILE).is_file():
+            raise ValueError(f"{folder} holds both {SINGLE_FILE} and {INDEX_FILE} (a single-file and a sharded save): "
+                             "one of them is left over from an earlier save; delete the stale one")
+
+
 def safetensors_files(folder: str | os.PathLike[str]) -> list[Path]:
-    files = sorted(Path(folder).glob("*.safetensors"))
+    """The weight files of a saved model folder: the shards its index lists, or ``model.safetensors``
+    (or, for other layouts, every ``*.safetensors``); ValueError on a stale mix, naming the files."""
+    root = Path(folder)
+    index = root / INDEX_FILE
+    if index.is_file():
+        check_single_or_sharded([index])
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted({root / str(name) for name in weight_map.values()})
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index} is not a safetensors index ({err})") from None
+        missing = [f.name for f in files if not f.is_file() or f.parent != root]
+        if missing:
+            raise ValueError(f"{index} lists shard(s) that are not in {root}: {missing[:3]}")
+        return files
+    files = sorted(root.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors file in {folder}")
     return files

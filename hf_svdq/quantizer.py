@@ -28,7 +28,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from . import format as fmt
 from ._memory import release_free_memory
-from .checkpoint import check_layer, read_headers
+from .checkpoint import check_layer, check_single_or_sharded, read_headers
 from .config import SVDQuantConfig
 from .layers import COMPRESSED_LAYERS, SVDQLinear, SVDQResidualLinear
 from .linalg import low_rank_int8
@@ -82,7 +82,7 @@ class SVDQuantizer(HfQuantizer):
         if config.is_resolved:
             decisions = plan_from_resolved(specs, config)
             if self.pre_quantized:
-                _check_checkpoint(kwargs.get("checkpoint_files"), decisions, config)
+                _check_checkpoint(kwargs.get("checkpoint_files"), decisions, config, model)
         else:
             decisions = resolve_plan(specs, config, protected_layers(model), _element_bytes(model))
         self._decisions = decisions
@@ -143,7 +143,10 @@ class SVDQuantizer(HfQuantizer):
                 param.requires_grad_(False)
 
     def get_state_dict_and_metadata(self, model: PreTrainedModel) -> tuple[None, dict[str, str]]:
-        return None, {fmt.METADATA_FORMAT_KEY: str(fmt.FORMAT_VERSION)}
+        # no metadata of ours: safetensors writes header metadata from a hash map, so a second key next to
+        # transformers' "format" lands in a different order on each save (not byte-identical); the format
+        # version lives in config.json (quantization_config.format_version), checked on load
+        return None, {}
 
     def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:
         from .head import SVDQInt8Head
@@ -213,12 +216,25 @@ class SVDQuantizeOp(ConversionOps):
         return {}
 
 
-def _check_checkpoint(files: list[str] | None, decisions: list[LayerDecision], config: SVDQuantConfig) -> None:
-    """Refuse a checkpoint whose factor tensors are missing or misshapen, before anything loads."""
-    safetensors = [f for f in files or [] if str(f).endswith(".safetensors")]
-    if not safetensors:
+def _check_checkpoint(files: list[str] | None, decisions: list[LayerDecision], config: SVDQuantConfig,
+                      model: nn.Module | None = None) -> None:
+    """Refuse a checkpoint whose factor tensors are missing or misshapen, that is not safetensors, or
+    whose folder holds both a single-file and a sharded save (one of them stale), before anything loads."""
+    if not files:
         return
+    pickled = [f for f in files if not str(f).endswith(".safetensors")]
+    if pickled:
+        raise ValueError(f"{pickled[0]}: an hf_svdq checkpoint must be safetensors (its factors are checked against the "
+                         "header before loading; a pickled checkpoint can neither be checked nor trusted)")
+    check_single_or_sharded(files)
+    safetensors = [str(f) for f in files]
     headers = read_headers(safetensors)
+    if model is not None:  # the other tensors: a shape the model does not have is named here, not reinitialised
+        compressed = tuple(f"{d.spec.name}." for d in decisions if d.rank is not None)
+        shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        for name, (shape, _) in headers.items():
+            if name in shapes and not name.startswith(compressed) and shape != shapes[name]:
+                raise ValueError(f"checkpoint tensor {name} has shape {list(shape)}; the model expects {list(shapes[name])}")
     for d in decisions:
         if d.rank is not None:
             check_layer(headers, d.spec.name, d.spec.out_features, d.spec.in_features, d.rank,
