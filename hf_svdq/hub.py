@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from . import format as fmt
+from .checkpoint import check_single_or_sharded
+from .config import SVDQuantConfig
 from .model_card import HEATMAP, build_model_card, is_generated
 from .real_model import SMOLLM2_HUB_ID, is_smollm2_checkpoint
 from .report import checkpoint_report
@@ -57,10 +60,41 @@ def check_checkpoint(folder: str | Path) -> dict[str, Any]:
             raise FileNotFoundError(f"{folder} is missing weight file(s) {missing} listed in {index.name}")
     elif not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"{folder} has no model.safetensors (nor a sharded index)")
+    check_single_or_sharded([folder / "config.json"])
+    SVDQuantConfig.from_dict(qconfig)  # the loader's config checks: format version, fields, no live calibration
     report = checkpoint_report(folder)  # checks every compressed layer's tensors in the headers
     if not report.compressed:
         raise ValueError(f"{folder} records quant_method 'svdq' but holds no compressed layer")
     return config
+
+
+UPLOAD_SUFFIXES = (".json", ".safetensors", ".md", ".txt", ".model", ".jinja", ".png")
+"""What a model folder holds (config, weights, tokenizer, card, pictures); nothing else is uploaded."""
+UPLOAD_NAMES = ("LICENSE", "NOTICE")
+
+
+def upload_files(folder: str | Path) -> list[str]:
+    """The files of ``folder`` that :func:`push_checkpoint` uploads (relative POSIX paths): an allow-list
+    of model-folder files; hidden files and folders (``.git/``, ``.cache/``) are never uploaded, other
+    files are left out with a warning, and a symlink is refused (its target could be any file)."""
+    root = Path(folder)
+    chosen, left_out = [], []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if path.is_symlink():
+            raise ValueError(f"{path} is a symlink: push uploads only regular files of the folder (copy the file in)")
+        if not path.is_file():
+            continue
+        if path.suffix in UPLOAD_SUFFIXES or path.name in UPLOAD_NAMES:
+            chosen.append(rel.as_posix())
+        else:
+            left_out.append(rel.as_posix())
+    if left_out:
+        warnings.warn(f"push: not uploading {left_out[:5]}{' ...' if len(left_out) > 5 else ''} (not model-folder files; "
+                      f"uploaded: {', '.join(UPLOAD_SUFFIXES)} and {', '.join(UPLOAD_NAMES)})", UserWarning, stacklevel=3)
+    return chosen
 
 
 def _token(token: str | bool | None) -> str:
@@ -112,20 +146,16 @@ def push_checkpoint(
     folder = Path(folder)
     check_repo_id(repo_id)
     check_checkpoint(folder)
+    readme = folder / "README.md"
+    generate = card and (overwrite_card or not readme.is_file() or is_generated(readme.read_text(encoding="utf-8")))
+    base_model = base_model or base_model_in_card(folder)
+    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel))
+                  for rel in upload_files(folder) if not (generate and rel == "README.md")]
     api = HfApi(endpoint=endpoint, token=_token(token))
     repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     repo_id = repo.repo_id
     if revision and revision != "main":
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    operations = []
-    readme = folder / "README.md"
-    generate = card and (overwrite_card or not readme.is_file() or is_generated(readme.read_text(encoding="utf-8")))
-    base_model = base_model or base_model_in_card(folder)
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder).as_posix()
-        if generate and rel == "README.md":
-            continue
-        operations.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)))
     if generate:
         text = str(build_model_card(folder, repo_id, base_model=base_model, evaluation=evaluation, analysis_dir=analysis_dir,
                                     tags=tags))

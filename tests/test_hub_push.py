@@ -100,11 +100,11 @@ def test_failed_upload_leaves_no_half_written_revision(hub_server, saved):
     _ok(_run(hub_server, CLI, "push", saved, "user/atomic"))
     before = hub_server.head("user/atomic")
     hub_server.fail_commit_after_lfs = True
-    (saved / "extra.bin").write_bytes(bytes(range(256)) * 16)  # a new LFS file
+    (saved / "extra.png").write_bytes(bytes(range(256)) * 16)  # a new LFS file (an allowed kind)
     try:
         result = _run(hub_server, CLI, "push", saved, "user/atomic", "--overwrite-card")
     finally:
-        (saved / "extra.bin").unlink()
+        (saved / "extra.png").unlink()
     assert result.returncode == 2 and "nothing was committed" in result.stderr
     after = hub_server.head("user/atomic")
     assert after.id == before.id and set(after.files) == set(before.files)
