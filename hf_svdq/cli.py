@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     compress = sub.add_parser("compress", help="compress a model and save a reloadable checkpoint")
     compress.add_argument("model", help=f"local folder or Hub id; {SMOLLM2_ALIAS} = bundled SmolLM2-135M-Instruct")
-    compress.add_argument("outdir", type=Path)
+    compress.add_argument("outdir", type=Path, help="output folder (written atomically; never the source or inside it)")
+    compress.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     ranks = compress.add_mutually_exclusive_group()
     ranks.add_argument("--rank", type=int, help="one rank for every compressed layer")
     ranks.add_argument("--rank-map", type=_parse_rank_map, help='JSON {pattern: rank}, e.g. {"*.self_attn.*": 96}')
@@ -101,6 +102,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     from .calibration import CalibrationConfig
     from .config import SVDQuantConfig
+    from .output_folder import atomic_folder, check_output_folder
     from .real_model import resolve_model_id
     from .report import checkpoint_report, format_report
 
@@ -137,6 +139,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.heal_steps and calibration is None:
         raise ValueError("--heal-steps needs calibration text (--calibration FILE or a dataset name)")
     source = resolve_model_id(args.model)
+    check_output_folder(args.outdir, [source], overwrite=args.overwrite)  # before any work
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(source, quantization_config=config, dtype=_torch_dtype(args.dtype))
     seconds = time.perf_counter() - start
@@ -153,16 +156,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
         print(f"healing: {healed.steps} steps on {healed.tokens} tokens, KL to dense {healed.kl_before:.4f} -> "
               f"{healed.kl_after:.4f} ({healed.seconds:.0f} s)", file=sys.stderr)
         del teacher
-    model.save_pretrained(args.outdir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(args.outdir)
     from .hub import base_model_of
     from .model_card import write_model_card
 
-    try:
-        write_model_card(args.outdir, args.outdir.name, base_model=base_model_of(source))
-    except ValueError as err:  # e.g. every layer stayed dense: no card to write
-        print(f"note: no model card written ({err})", file=sys.stderr)
+    with atomic_folder(args.outdir, overwrite=args.overwrite) as folder:
+        model.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        try:
+            write_model_card(folder, args.outdir.name, base_model=base_model_of(source))
+        except ValueError as err:  # e.g. every layer stayed dense: no card to write
+            print(f"note: no model card written ({err})", file=sys.stderr)
     report = checkpoint_report(args.outdir)
     check = None
     if not args.no_check and tokenizer is None:
