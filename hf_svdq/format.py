@@ -36,6 +36,10 @@ The left factor is deliberately stored under the dense name ``weight``: its shap
 never equals the dense ``[out, in]`` (a layer is only compressed when ``r < in``), so a
 transformers install that does not know hf_svdq fails with a size-mismatch error instead of
 loading random weights. Float scales are stored in the dtype the model was compressed in.
+
+The version is ``config.json``'s ``quantization_config.format_version``; the safetensors header
+metadata is transformers' ``{"format": "pt"}`` alone (safetensors writes metadata from a hash map, so
+a second key would change the header's byte order from save to save).
 """
 
 from __future__ import annotations
@@ -63,9 +67,6 @@ CORR_LEFT_SCALE = "weight_u_scale"
 RESIDUAL_NAMES: tuple[str, ...] = (CODES, GROUP_SCALE, GROUP_ZERO)
 CORRECTION_NAMES: tuple[str, ...] = (CORR_LEFT, CORR_LEFT_SCALE, RIGHT, RIGHT_SCALE)
 """Residual-layout parameter names: the quantized base, then the low-rank correction (``r > 0``)."""
-
-METADATA_FORMAT_KEY = "hf_svdq_format_version"
-"""Key in the safetensors header metadata carrying :data:`FORMAT_VERSION`."""
 
 INT8_MAX = 127
 """Symmetric INT8 range is ``[-127, 127]``; ``-128`` is never produced."""

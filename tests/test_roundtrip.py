@@ -45,7 +45,7 @@ def test_compress_save_reload_is_bit_identical(arch, tiny_checkpoint, input_ids,
     assert config["quant_method"] == "svdq" and config["format_version"] == 1
     assert set(config["ranks"]) == set(compressed)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as handle:
-        assert handle.metadata()["hf_svdq_format_version"] == "1"
+        assert handle.metadata() == {"format": "pt"}  # one key: the header bytes are the same on every save
         name = next(iter(compressed))
         assert handle.get_tensor(f"{name}.weight").dtype == torch.int8
         assert handle.get_tensor(f"{name}.weight_vh").dtype == torch.int8
