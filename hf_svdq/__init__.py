@@ -4,16 +4,11 @@ Importing the package is cheap (it also runs at interpreter start through the au
 the public names below are imported on first use.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
-
-from .format import FORMAT_VERSION, QUANT_METHOD
-
 __version__ = "0.1.0"
 
 _LAZY = {
+    "FORMAT_VERSION": ".format",
+    "QUANT_METHOD": ".format",
     "SVDQuantConfig": ".config",
     "CalibrationConfig": ".calibration",
     "SVDQLinear": ".modules",
@@ -46,12 +41,17 @@ __all__ = [
     "smollm2_checkpoint",
 ]
 
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing would cost every interpreter start (autoload)
 if TYPE_CHECKING:
+    from typing import Any
+
     from .analyze import AnalysisSettings as AnalysisSettings
     from .analyze import analyze as analyze
     from .calibration import CalibrationConfig as CalibrationConfig
     from .config import SVDQuantConfig as SVDQuantConfig
     from .evaluation import evaluate as evaluate
+    from .format import FORMAT_VERSION as FORMAT_VERSION
+    from .format import QUANT_METHOD as QUANT_METHOD
     from .hub import push_checkpoint as push_checkpoint
     from .model_card import build_model_card as build_model_card
     from .modules import SVDQLinear as SVDQLinear
@@ -61,8 +61,10 @@ if TYPE_CHECKING:
     from .residual import SVDQResidualLinear as SVDQResidualLinear
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> "Any":
     if name in _LAZY:
+        import importlib
+
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value

@@ -3,23 +3,26 @@
 The installed ``hf_svdq_autoload.pth`` calls :func:`install` at interpreter start. It adds a
 meta-path finder that waits for ``transformers.quantizers.auto`` to be imported and then registers
 hf_svdq, so ``AutoModelForCausalLM.from_pretrained(<hf_svdq checkpoint>)`` just works. It imports
-neither torch nor transformers itself. Opt out with ``HF_SVDQ_NO_AUTOLOAD=1``.
+neither torch nor transformers itself, and nothing beyond what the interpreter has already loaded
+(no ``importlib.abc``, ``typing`` or ``warnings``): it runs in every Python process of the
+environment, so it must cost well under 5 ms (``benchmarks/startup.py``). Opt out with
+``HF_SVDQ_NO_AUTOLOAD=1``.
 """
 
-from __future__ import annotations
-
-import importlib.abc
-import importlib.machinery
 import os
 import sys
-import warnings
-from types import ModuleType
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import importlib.machinery
+    from types import ModuleType
+    from typing import Any
 
 TARGET = "transformers.quantizers.auto"
 OPT_OUT_ENV = "HF_SVDQ_NO_AUTOLOAD"
 
 
-def _register(module: ModuleType) -> None:
+def _register(module: "ModuleType") -> None:
     partial = sys.modules.get("hf_svdq.quantizer")
     if partial is not None and not hasattr(partial, "SVDQuantizer"):
         return  # hf_svdq.quantizer is being imported right now; it registers itself when done
@@ -28,23 +31,29 @@ def _register(module: ModuleType) -> None:
 
         register(module)
     except Exception as err:  # never break `import transformers` because of us
+        import warnings
+
         warnings.warn(f"hf_svdq could not register with transformers: {err!r}", RuntimeWarning, stacklevel=2)
 
 
-class _RegisteringLoader(importlib.abc.Loader):
-    def __init__(self, loader: importlib.abc.Loader) -> None:
+class _RegisteringLoader:
+    """Wraps the real loader of the target module (a duck-typed importlib loader)."""
+
+    def __init__(self, loader: "Any") -> None:
         self._loader = loader
 
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+    def create_module(self, spec: "importlib.machinery.ModuleSpec") -> "ModuleType | None":
         return self._loader.create_module(spec)
 
-    def exec_module(self, module: ModuleType) -> None:
+    def exec_module(self, module: "ModuleType") -> None:
         self._loader.exec_module(module)
         _register(module)
 
 
-class _Finder(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname: str, path: object = None, target: object = None) -> importlib.machinery.ModuleSpec | None:
+class _Finder:
+    """A meta-path finder (duck-typed) that only answers for the target module."""
+
+    def find_spec(self, fullname: str, path: "Any" = None, target: "ModuleType | None" = None) -> "importlib.machinery.ModuleSpec | None":
         if fullname != TARGET:
             return None
         for finder in sys.meta_path:
@@ -52,7 +61,7 @@ class _Finder(importlib.abc.MetaPathFinder):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
-                spec.loader = _RegisteringLoader(spec.loader)
+                spec.loader = _RegisteringLoader(spec.loader)  # type: ignore[assignment] (a duck-typed Loader)
                 return spec
         return None
 

@@ -77,3 +77,13 @@ def test_any_import_order_registers_without_warnings(module, autoload):
     result = _run(code, {"HF_SVDQ_NO_AUTOLOAD": autoload})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "SVDQuantizer"
+
+
+def test_the_hook_imports_nothing_the_interpreter_did_not_already_load():
+    """The hook runs in every Python process of the environment: it may add only hf_svdq's own two tiny
+    modules (measured in benchmarks/startup.py: well under 5 ms), never typing, importlib.abc, torch or
+    transformers."""
+    code = "import sys; print(' '.join(sorted(sys.modules)))"
+    with_hook = set(_run(code, {}).stdout.split())
+    opted_out = set(_run(code, {"HF_SVDQ_NO_AUTOLOAD": "1"}).stdout.split())
+    assert with_hook - opted_out == {"hf_svdq", "hf_svdq._autoload"}
