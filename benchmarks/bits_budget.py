@@ -11,6 +11,7 @@ not counted in the bits; a row with any is not a comparison at equal bits): perp
 KL and top-1 on pride, how many layers got 8 bits, and load + compress seconds.
 
     python benchmarks/bits_budget.py 6.5:4,8:64 5.0:4,8:64 4.5:4,8:64 4.25:4,8:64 [--json out.jsonl]
+    python benchmarks/bits_budget.py policy:analysis/policy.json   # a plan from `hf-svdq analyze --bit-choices`
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def main() -> None:
     dense = AutoModelForCausalLM.from_pretrained(path)
     dense_emma = perplexity_and_agreement(dense, emma, settings, progress=False)["perplexity"]
     for run in args.runs:
+        if run.startswith("policy:"):  # a policy.json from `hf-svdq analyze --bit-choices`, compressed as it says
+            config = SVDQuantConfig.from_policy(run[len("policy:"):], calibration=CalibrationConfig(dataset="austen", n_samples=32))
+            _measure(run, config, path, pride, emma, settings, dense, dense_emma, args.json)
+            continue
         bpw, choices, group, *method = run.split(":")
         bits = [int(b) for b in choices.split(",")]
         calibration = CalibrationConfig(dataset="austen", n_samples=32)
@@ -59,26 +64,31 @@ def main() -> None:
                 target_bits_per_weight=float(bpw), residual_bits=4, group_size=group_size, refine_steps=1, rank_floor=0,
                 bit_choices=bits if len(bits) > 1 else None, calibration=calibration,
             )
-        start = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
-        seconds = time.perf_counter() - start
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
-            report = checkpoint_report(tmp)
-        measured = perplexity_and_agreement(model, pride, settings, dense, progress=False)
-        emma_ratio = perplexity_and_agreement(model, emma, settings, progress=False)["perplexity"] / dense_emma
-        dense_layers = [n for n, why in (model.config.quantization_config.dense or {}).items() if "does not divide" in why]
-        row = {"run": run, "bits_per_weight": round(report.bits_per_weight_compressed(), 3),
-               "left_dense_by_group_size": len(dense_layers),
-               "pride_ratio": round(measured["perplexity_ratio"], 4), "emma_ratio": round(emma_ratio, 4),
-               "kl": round(measured["kl"], 4), "top1": round(measured["top1_agreement"], 3),
-               "int8_layers": len(model.config.quantization_config.layer_bits or {}), "seconds": round(seconds, 1),
-               "predicted_ratio": (model.config.quantization_config.prediction or {}).get("perplexity_ratio")}
-        print(json.dumps(row), flush=True)
-        if args.json:
-            with args.json.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-        del model
+        _measure(run, config, path, pride, emma, settings, dense, dense_emma, args.json)
+
+
+def _measure(run, config, path, pride, emma, settings, dense, dense_emma, json_path) -> None:
+    """Compress with ``config``, save, read the bits back and print (and append) one JSON row."""
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        report = checkpoint_report(tmp)
+    measured = perplexity_and_agreement(model, pride, settings, dense, progress=False)
+    emma_ratio = perplexity_and_agreement(model, emma, settings, progress=False)["perplexity"] / dense_emma
+    dense_layers = [n for n, why in (model.config.quantization_config.dense or {}).items() if "does not divide" in why]
+    row = {"run": run, "bits_per_weight": round(report.bits_per_weight_compressed(), 3),
+           "left_dense_by_group_size": len(dense_layers),
+           "pride_ratio": round(measured["perplexity_ratio"], 4), "emma_ratio": round(emma_ratio, 4),
+           "kl": round(measured["kl"], 4), "top1": round(measured["top1_agreement"], 3),
+           "int8_layers": len(model.config.quantization_config.layer_bits or {}), "seconds": round(seconds, 1),
+           "predicted_ratio": (model.config.quantization_config.prediction or {}).get("perplexity_ratio")}
+    print(json.dumps(row), flush=True)
+    if json_path:
+        with json_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    del model
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ class BlockKL:
                                    "full forwards", type(model).__name__, gap)
                     self.tail = None
         self.reference = full
+        self.reference_probs = [r.exp() for r in full]  # computed once, not per probe
 
     def _full_log_probs(self) -> list[torch.Tensor]:
         device = next(self.model.parameters()).device
@@ -85,5 +86,5 @@ class BlockKL:
             for index in range(first_block, len(self.blocks)):
                 hidden = [run_block(self.blocks[index], h, self.kwargs[index]) for h in hidden]
             current = [F.log_softmax(self.tail(h).float(), -1) for h in hidden]
-        total = sum(float((ref.exp() * (ref - cur)).sum()) for ref, cur in zip(self.reference, current))
+        total = sum(float((probs * (ref - cur)).sum()) for probs, ref, cur in zip(self.reference_probs, self.reference, current))
         return max(total / self.ids.numel(), 0.0)

@@ -61,12 +61,12 @@ def base_quantization(weight: torch.Tensor, gram: torch.Tensor | None, config: S
 
 def compress_layer(
     module: nn.Module, spec: LinearSpec, rank: int | None, config: SVDQuantConfig, gram: torch.Tensor | None,
-    base: Any = None,
+    base: Any = None, whitener: Whitener | None = None,
 ) -> tuple[nn.Module | None, int]:
     """A compressed replacement of ``module`` and its rank; ``(None, rank)`` when the break-even
     guard keeps it dense. ``rank=None`` means: choose it from the spectrum (``config.energy``).
-    ``base``: a :func:`base_quantization` of this weight at this layer's bits, reused (probes
-    build several ranks over one base)."""
+    ``base``: a :func:`base_quantization` of this weight at this layer's bits, and ``whitener``:
+    ``Whitener.from_gram(gram, config.damp)``, both reused when probes build several options of one layer."""
     weight, transposed = dense_weight_of(module)
     dtype = weight.dtype
     w = weight.detach().to(torch.float32)
@@ -74,7 +74,8 @@ def compress_layer(
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"{spec.name}.weight has {bad} non-finite value(s) (NaN/Inf): refusing to compress it")
     bias = getattr(module, "bias", None)
-    whitener = Whitener.from_gram(gram, config.damp) if gram is not None else None
+    if whitener is None and gram is not None:
+        whitener = Whitener.from_gram(gram, config.damp)
     bits = config.bits_for(spec.name)
     if base is None and bits is not None:
         base = base_quantization(w, gram, config, bits)

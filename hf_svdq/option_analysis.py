@@ -44,6 +44,7 @@ from .plan import LayerDecision, find_linear_layers, layer_bytes, protected_laye
 from .policy import POLICY_KEY, POLICY_VERSION, SETTING_KEYS, Thresholds, find_outliers, save_policy
 from .probes import Prober, swapped
 from .sensitivity import split_name
+from .whitening import Whitener
 
 logger = logging.getLogger(__name__)
 
@@ -134,12 +135,14 @@ def measure_options(
         measured[name] = {}
         weight = dense_weight_of(module)[0].detach().to(torch.float32)
         bases: dict[int, Any] = {}
+        gram = grams.get(name)
+        whitener = Whitener.from_gram(gram, config.damp) if gram is not None else None
         for bits, rank in points:
             probe_config = copy.copy(config)
             probe_config.layer_bits, probe_config.refine_steps = {name: bits}, 0
             if bits not in bases:
                 bases[bits] = base_quantization(weight, grams.get(name), probe_config, bits)
-            new, _ = compress_layer(module, d.spec, rank, probe_config, grams.get(name), bases[bits])
+            new, _ = compress_layer(module, d.spec, rank, probe_config, gram, bases[bits], whitener)
             if new is None:
                 continue
             with swapped(model, {name: new}):
