@@ -56,3 +56,29 @@ def test_a_non_finite_source_weight_is_named(tmp_path, kwargs):
     message = r"model\.layers\.0\.self_attn\.q_proj\.weight has 1 non-finite value\(s\) \(NaN/Inf\): refusing to compress it"
     with pytest.raises(ValueError, match=message):
         AutoModelForCausalLM.from_pretrained(source, quantization_config=SVDQuantConfig(**kwargs))
+
+
+@pytest.mark.real
+def test_real_model_pruned_rows_and_a_nan_weight(smollm2_path, tmp_path):
+    """SmolLM2-135M: 64 pruned rows of one layer under calibrated INT4 GPTQ give finite, sane logits;
+    a NaN in a weight is refused naming it. Only that layer is compressed (the rest skipped) to stay fast."""
+    layer = "model.layers.3.self_attn.q_proj"
+    dense = AutoModelForCausalLM.from_pretrained(smollm2_path)
+    with torch.no_grad():
+        dense.get_submodule(layer).weight[:64].zero_()
+    dense.save_pretrained(tmp_path / "pruned")
+    only = [rf"re:^(?!{layer.replace('.', chr(92) + '.')}$).*"]
+    config = SVDQuantConfig(rank=16, residual_bits=4, group_size=64, skip=only,
+                            calibration={"dataset": "austen", "n_samples": 4, "seq_len": 128, "tokenizer": str(smollm2_path)})
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", quantization_config=config)
+    assert type(model.get_submodule(layer)).__name__ == "SVDQResidualLinear"
+    ids = torch.arange(100, 132).unsqueeze(0)
+    with torch.no_grad():
+        logits, reference = model(ids).logits, dense(ids).logits
+    assert torch.isfinite(logits).all()
+    assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
+    with torch.no_grad():
+        dense.get_submodule(layer).weight[7, 9] = float("inf")
+    dense.save_pretrained(tmp_path / "inf")
+    with pytest.raises(ValueError, match=rf"{layer.replace('.', chr(92) + '.')}\.weight has 1 non-finite value"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "inf", quantization_config=SVDQuantConfig(rank=16, skip=only))
