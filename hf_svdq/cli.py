@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import cli_analyze, cli_hub
+from . import cli_analyze, cli_export, cli_hub
 from .check import DEFAULT_PROMPT
 from .real_model import SMOLLM2_ALIAS
 
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", type=Path, help="also write the full result as JSON here")
     cli_analyze.add_parser(sub)
     cli_hub.add_parser(sub)
+    cli_export.add_parser(sub)
     return parser
 
 
@@ -234,7 +235,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"compress": cmd_compress, "inspect": cmd_inspect, "eval": cmd_eval, "analyze": cli_analyze.cmd_analyze,
-                "push": cli_hub.cmd_push}
+                "push": cli_hub.cmd_push, "export": cli_export.cmd_export}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as err:
