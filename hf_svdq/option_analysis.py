@@ -41,7 +41,7 @@ from .config import SVDQuantConfig
 from .evaluation import DEFAULT_PROMPTS, tokenize_text
 from .modules import dense_weight_of
 from .plan import LayerDecision, find_linear_layers, layer_bytes, protected_layers, resolve_plan
-from .policy import POLICY_KEY, POLICY_VERSION, SETTING_KEYS, Thresholds, find_outliers, save_policy
+from .policy import POLICY_KEY, POLICY_VERSION, Thresholds, find_outliers, policy_setting, save_policy
 from .probes import Prober, swapped
 from .sensitivity import split_name
 from .whitening import Whitener
@@ -118,6 +118,15 @@ class OptionAnalysis:
         return sorted({k for row in self.measured.values() for k in row}, key=lambda k: tuple(int(x) for x in k.split(":")))
 
 
+def _with_bits(config: SVDQuantConfig, name: str, bits: int, refine_steps: int | None = None) -> SVDQuantConfig:
+    """A shallow copy of ``config`` that gives layer ``name`` base ``bits`` (and optionally other refinement)."""
+    changed = copy.copy(config)
+    changed.layer_bits = {name: bits}
+    if refine_steps is not None:
+        changed.refine_steps = refine_steps
+    return changed
+
+
 def measure_options(
     model: nn.Module, targets: Sequence[LayerDecision], config: SVDQuantConfig, grams: Mapping[str, torch.Tensor],
     meter: BlockKL, points: Sequence[Option], progress: bool = True,
@@ -138,8 +147,7 @@ def measure_options(
         gram = grams.get(name)
         whitener = Whitener.from_gram(gram, config.damp) if gram is not None else None
         for bits, rank in points:
-            probe_config = copy.copy(config)
-            probe_config.layer_bits, probe_config.refine_steps = {name: bits}, 0
+            probe_config = _with_bits(config, name, bits, refine_steps=0)
             if bits not in bases:
                 bases[bits] = base_quantization(weight, grams.get(name), probe_config, bits)
             new, _ = compress_layer(module, d.spec, rank, probe_config, gram, bases[bits], whitener)
@@ -197,10 +205,8 @@ def build_option_policy(
         if bits != config.residual_bits:
             layer_bits[name] = bits
     total = sum(o[1] for o in chosen.values())
-    setting = {k: v for k, v in config.to_dict().items() if k in SETTING_KEYS}
-    setting["calibrated"] = config.calibration is not None
     return {
-        POLICY_KEY: POLICY_VERSION, "model": dict(model_info), "setting": setting,
+        POLICY_KEY: POLICY_VERSION, "model": dict(model_info), "setting": policy_setting(config),
         "criterion": {"budget_bits_per_weight": budget_bits_per_weight, "allocator": "measured option KL"},
         "classes": {n: {"class": "outlier" if n in outliers else "robust",
                         "reason": outliers.get(n, "within the spread of all layers")} for n in chosen},
@@ -257,9 +263,9 @@ def analyze_options(
         key = chosen[d.spec.name][0]
         if key is None:
             continue
-        plan_config = copy.copy(config)
-        plan_config.layer_bits = {d.spec.name: key[0]}  # type: ignore[index]
-        new, _ = compress_layer(model.get_submodule(d.spec.name), d.spec, key[1], plan_config, grams.get(d.spec.name))  # type: ignore[index]
+        bits, rank = cast(Option, key)
+        new, _ = compress_layer(model.get_submodule(d.spec.name), d.spec, rank, _with_bits(config, d.spec.name, bits),
+                                grams.get(d.spec.name))
         if new is not None:
             modules[d.spec.name] = new
     with swapped(model, modules):

@@ -243,12 +243,10 @@ def build_policy(
         elif o[0] is None:
             dense[n] = f"policy: {layer_class[n]} ({classes[group_of[n]][1]})" if layer_class.get(n) == "pillar" else "policy: kept dense"
     total = sum(o[1] for o in chosen.values())
-    setting = {k: v for k, v in config.to_dict().items() if k in SETTING_KEYS}
-    setting["calibrated"] = config.calibration is not None
     return {
         POLICY_KEY: POLICY_VERSION,
         "model": dict(model_info or {}),
-        "setting": setting,
+        "setting": policy_setting(config),
         "criterion": {**criterion, "pillars": pillars, "rank_range": rank_range},
         "classes": {n: {"class": layer_class.get(n, "robust"), "group": group_of.get(n),
                         "reason": classes[group_of[n]][1] if group_of.get(n) in classes else "not probed",
@@ -258,6 +256,13 @@ def build_policy(
         "predicted": {"kl": sum(o[2] for o in chosen.values()), "bytes": int(total),
                       "bits_per_weight": 8 * total / numbers if numbers else 0.0},
     }
+
+
+def policy_setting(config: SVDQuantConfig) -> dict[str, Any]:
+    """The analysed setting a policy records (what :func:`config_kwargs_from_policy` reproduces)."""
+    setting = {k: v for k, v in config.to_dict().items() if k in SETTING_KEYS}
+    setting["calibrated"] = config.calibration is not None
+    return setting
 
 
 def load_policy(policy: str | Path | Mapping[str, Any]) -> dict[str, Any]:
