@@ -55,7 +55,7 @@ def safetensors_files(folder: str | os.PathLike[str]) -> list[Path]:
             raise ValueError(f"{index} is not a safetensors index ({err})") from None
         missing = [f.name for f in files if not f.is_file() or f.parent != root]
         if missing:
-            raise ValueError(f"{index} lists shard(s) that are not in {root}: {missing[:3]}")
+            raise FileNotFoundError(f"{index} lists shard(s) that are not in {root}: {missing[:3]}")
         return files
     files = sorted(root.glob("*.safetensors"))
     if not files:

@@ -20,7 +20,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from . import format as fmt
-from .checkpoint import check_single_or_sharded
+from .checkpoint import INDEX_FILE, SINGLE_FILE
 from .config import SVDQuantConfig
 from .model_card import HEATMAP, build_model_card, is_generated
 from .real_model import SMOLLM2_HUB_ID, is_smollm2_checkpoint
@@ -52,17 +52,12 @@ def check_checkpoint(folder: str | Path) -> dict[str, Any]:
     if not qconfig or qconfig.get("quant_method") != fmt.QUANT_METHOD:
         found = "no quantization_config" if not qconfig else f"quant_method {qconfig.get('quant_method')!r}"
         raise ValueError(f"{folder} is not an hf_svdq checkpoint ({found}); compress it first with `hf-svdq compress`")
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{folder} is missing weight file(s) {missing} listed in {index.name}")
-    elif not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{folder} has no model.safetensors (nor a sharded index)")
-    check_single_or_sharded([folder / "config.json"])
+    if not (folder / INDEX_FILE).is_file() and not (folder / SINGLE_FILE).is_file():
+        raise FileNotFoundError(f"{folder} has no {SINGLE_FILE} (nor a sharded index)")
     SVDQuantConfig.from_dict(qconfig)  # the loader's config checks: format version, fields, no live calibration
-    report = checkpoint_report(folder)  # checks every compressed layer's tensors in the headers
+    # reads the weight files through safetensors_files (index shards present, no stale single file beside
+    # them) and checks every compressed layer's tensors in the headers
+    report = checkpoint_report(folder)
     if not report.compressed:
         raise ValueError(f"{folder} records quant_method 'svdq' but holds no compressed layer")
     return config
