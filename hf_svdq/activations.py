@@ -123,10 +123,12 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) ->
 def input_groups(block: nn.Module, names: Sequence[str], hidden: torch.Tensor, kwargs: dict[str, Any]) -> list[list[str]]:
     """Linears of ``block`` grouped by shared input, in execution order (e.g. [q,k,v], [o], [gate,up], [down])."""
     order: list[tuple[str, int]] = []
+    inputs: list[torch.Tensor] = []  # held until grouping is done: an id is unique only while its object lives
     modules = {n: block.get_submodule(n) for n in names}
 
     def hook(name: str):
         def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
+            inputs.append(args[0])
             order.append((name, id(args[0])))
         return fn
 
