@@ -21,6 +21,9 @@ _LAZY = {
     "AnalysisSettings": ".analyze",
     "push_checkpoint": ".hub",
     "build_model_card": ".model_card",
+    "export": ".serving",
+    "export_gguf": ".gguf_export",
+    "export_awq_lora": ".awq_export",
 }
 
 __all__ = [
@@ -36,6 +39,9 @@ __all__ = [
     "analyze",
     "build_model_card",
     "evaluate",
+    "export",
+    "export_awq_lora",
+    "export_gguf",
     "push_checkpoint",
     "register",
     "smollm2_checkpoint",
@@ -47,11 +53,13 @@ if TYPE_CHECKING:
 
     from .analyze import AnalysisSettings as AnalysisSettings
     from .analyze import analyze as analyze
+    from .awq_export import export_awq_lora as export_awq_lora
     from .calibration import CalibrationConfig as CalibrationConfig
     from .config import SVDQuantConfig as SVDQuantConfig
     from .evaluation import evaluate as evaluate
     from .format import FORMAT_VERSION as FORMAT_VERSION
     from .format import QUANT_METHOD as QUANT_METHOD
+    from .gguf_export import export_gguf as export_gguf
     from .hub import push_checkpoint as push_checkpoint
     from .model_card import build_model_card as build_model_card
     from .modules import SVDQLinear as SVDQLinear
@@ -59,6 +67,7 @@ if TYPE_CHECKING:
     from .real_model import smollm2_checkpoint as smollm2_checkpoint
     from .registration import register as register
     from .residual import SVDQResidualLinear as SVDQResidualLinear
+    from .serving import export as export
 
 
 def __getattr__(name: str) -> "Any":

@@ -8,8 +8,8 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("push", help="upload a saved hf_svdq checkpoint (with a generated model card) to the Hub")
-    p.add_argument("checkpoint", type=Path, help="folder written by save_pretrained / hf-svdq compress")
+    p = sub.add_parser("push", help="upload a saved hf_svdq checkpoint (with a generated model card) or an hf-svdq export folder to the Hub")
+    p.add_argument("checkpoint", type=Path, help="folder written by save_pretrained / hf-svdq compress / hf-svdq export")
     p.add_argument("repo_id", help="user/name on the Hub")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--revision", help="branch to commit to (created from main if missing)")

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_svdq import SVDQuantConfig
 from hf_svdq.cli import main
-from hf_svdq.export_gguf import export_gguf, permute_rows, q4_1_blocks
+from hf_svdq.gguf_export import export_gguf, permute_rows, q4_1_blocks
 from hf_svdq.groupquant import pack_codes, quantize_rtn
 
 
@@ -88,7 +88,12 @@ def test_cli_export_writes_atomically_and_summarises(exported, smollm2_path, tmp
     assert main(["export", str(with_tokenizer), str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert '"model.gguf"' in printed and "--lora" in printed
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lora.gguf", "model.gguf"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "hf_svdq_export.json", "lora.gguf", "model.gguf"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "llama-cli -m model.gguf --lora lora.gguf" in card and "ADAPTER ./lora.gguf" in card
+    from hf_svdq.serving import check_export
+
+    assert check_export(tmp_path / "out")["summary"]["tensor_types"]["Q4_1"] == 210
 
 
 def test_export_refuses_what_gguf_cannot_hold(tiny_checkpoint, tmp_path):
