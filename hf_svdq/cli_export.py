@@ -30,5 +30,5 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         rank = summary["lora_rank"]
         lora = f" --enable-lora --lora-modules svdq={args.outdir / 'adapter'} --max-lora-rank {rank}" if rank else ""
-        print(f"run it: vllm serve {args.outdir} --quantization awq{lora}")
+        print(f"run it: vllm serve {args.outdir}{lora}  (vLLM reads quant_method awq from config.json)")
     return 0

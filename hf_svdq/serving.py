@@ -114,9 +114,13 @@ def check_export(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def _size(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size / 1e3:.1f} kB"
+
+
 def engine_card(format: str, summary: dict[str, Any], source: str) -> str:
     """The README of an export folder: what it is and the commands that run it."""
-    files = "\n".join(f"| `{name}` | {size / 1e6:.1f} MB |" for name, size in summary["files"].items())
+    files = "\n".join(f"| `{name}` | {_size(size)} |" for name, size in summary["files"].items())
     if format == "gguf":
         lora = "lora.gguf" in summary["files"]
         adapter = " --lora lora.gguf" if lora else ""
@@ -129,7 +133,7 @@ def engine_card(format: str, summary: dict[str, Any], source: str) -> str:
     else:
         rank = summary.get("lora_rank", 0)
         adapter = (f" \\\n  --enable-lora --lora-modules svdq=./adapter --max-lora-rank {rank}" if rank else "")
-        run = (f"```bash\nvllm serve . --quantization awq{adapter}\n```\n\n"
+        run = (f"```bash\nvllm serve .{adapter}\n```\n\nvLLM reads `quant_method: awq` from `config.json` and picks its AWQ kernel (Marlin where the GPU has it). "
                + ("Requests name the adapter as the model: `\"model\": \"svdq\"`. " if rank else "")
                + "In Python: `AutoModelForCausalLM.from_pretrained(folder)` (transformers' AWQ path, needs `gptqmodel`)"
                + (", then `PeftModel.from_pretrained(model, folder + '/adapter')`." if rank else ".")

@@ -80,7 +80,7 @@ def test_tiny_export_reproduces_our_logits_through_awq_reader_and_peft(arch, tin
     assert (ours - theirs).abs().max() < 2e-3 * ours.abs().max()  # fp16 storage of the adapter and dense tensors
     assert check_export(tmp_path / "awq")["format"] == "awq-lora"
     card = (tmp_path / "awq" / "README.md").read_text()
-    assert "vllm serve . --quantization awq" in card and "--max-lora-rank 8" in card
+    assert "vllm serve . \\\n  --enable-lora --lora-modules svdq=./adapter" in card and "--max-lora-rank 8" in card
 
 
 def test_export_refuses_what_awq_cannot_hold(tiny_checkpoint, tmp_path):
