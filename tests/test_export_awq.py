@@ -118,6 +118,15 @@ def test_an_export_that_changed_is_not_pushed(tiny_checkpoint, tmp_path, hub_ser
     assert pulled.returncode == 0, pulled.stderr[-3000:]
     folder = Path(pulled.stdout.strip().splitlines()[-1])
     assert check_export(folder)["format"] == "awq-lora"  # every file arrived with its sha256
+    # export reads a checkpoint by Hub id too
+    result = subprocess.run([*cli, str(tmp_path / "ckpt"), "user/tiny-ckpt"], env=env, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run([sys.executable, "-m", "hf_svdq.cli", "export", "user/tiny-ckpt", str(tmp_path / "from-hub"),
+                             "--format", "awq-lora"], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours = load_file(str(tmp_path / "awq" / "model.safetensors"))
+    assert all(torch.equal(t, ours[k]) for k, t in load_file(str(tmp_path / "from-hub" / "model.safetensors")).items())
     assert (folder / "README.md").read_text() == (tmp_path / "awq" / "README.md").read_text()
     (tmp_path / "awq" / "notes.txt").write_text("not part of the export")
     with pytest.raises(ValueError, match=r"\['notes.txt'\] not written by the export"):
