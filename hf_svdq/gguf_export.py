@@ -16,7 +16,7 @@ and llama.cpp's ``gguf-py/gguf/quants.py``):
   ``convert_hf_to_gguf.py`` does). The permutation moves whole rows, so Q4_1 blocks and the LoRA
   ``lora_b`` rows move with them.
 
-Supported: the Llama architecture (SmolLM2, Llama 2/3 layouts without rope scaling) with a BPE
+Supported: the Llama and Qwen2 architectures (SmolLM2, Llama 2/3, Qwen2/2.5 layouts without rope scaling) with a BPE
 (GPT-2 style) tokenizer whose pre-tokenizer llama.cpp knows (:data:`PRE_TOKENIZERS`). Pure low-rank
 layers have no quantized base to map and are refused, with the reason. The tokenizer, its merges,
 special tokens and chat template are carried over.
@@ -60,6 +60,8 @@ PRE_TOKENIZERS = {
 """sha256 of ``str(tokenizer.encode(CHKTXT))`` -> llama.cpp's ``tokenizer.ggml.pre`` (same source)."""
 
 Q4_1_BLOCK = 32
+ARCHITECTURES = {"llama": True, "qwen2": False}
+"""model_type -> whether q/k rows are permuted (llama.cpp's converter permutes Llama's, not Qwen2's)."""
 
 
 @dataclass
@@ -175,8 +177,9 @@ def export_gguf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str |
     folder = Path(checkpoint)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     qconfig = SVDQuantConfig.from_dict(config.get("quantization_config") or {})
-    if config.get("model_type") != "llama":
-        raise ValueError(f"GGUF export supports model_type 'llama' (SmolLM2, Llama); got {config.get('model_type')!r}")
+    arch = config.get("model_type")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"GGUF export supports model_type {sorted(ARCHITECTURES)} (SmolLM2, Llama, Qwen2); got {arch!r}")
     if qconfig.residual_bits is None:
         raise ValueError("pure low-rank checkpoints have no quantized base for GGUF to hold; export a residual-mode "
                          "(residual_bits=4) checkpoint, whose base maps onto Q4_1 and whose correction onto a LoRA adapter")
@@ -184,11 +187,12 @@ def export_gguf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str |
     out.mkdir(parents=True, exist_ok=True)
     blocks, heads = config["num_hidden_layers"], config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads", heads)
-    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, blocks)
+    names = gguf.TensorNameMap(getattr(gguf.MODEL_ARCH, arch.upper()), blocks)
+    permute = ARCHITECTURES[arch]
     compressed = set(qconfig.ranks or {})
     result = GGUFExport(out / "model.gguf", None)
-    base = gguf.GGUFWriter(str(result.base), "llama")
-    lora = gguf.GGUFWriter(str(out / "lora.gguf"), "llama")
+    base = gguf.GGUFWriter(str(result.base), arch)
+    lora = gguf.GGUFWriter(str(out / "lora.gguf"), arch)
     lora.add_type(gguf.GGUFType.ADAPTER)
     lora.add_string(gguf.Keys.Adapter.TYPE, "lora")
     lora.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)  # scale = --lora scale for every rank
@@ -205,14 +209,14 @@ def export_gguf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str |
         if layer in compressed and tensor_name != "bias":
             if tensor_name != fmt.CODES:
                 continue  # the layer's other tensors are written with its codes
-            has_lora |= _write_layer(base, lora, owner, layer, qconfig, names, heads, kv_heads, result)
+            has_lora |= _write_layer(base, lora, owner, layer, qconfig, names, (heads, kv_heads) if permute else None, result)
             continue
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise ValueError(f"tensor {hf_name} has no llama.cpp name for the llama architecture")
+            raise ValueError(f"tensor {hf_name} has no llama.cpp name for the {arch} architecture")
         tensor = owner[hf_name].get_tensor(hf_name)
         tensor = tensor.float() if tensor.dtype not in (torch.float16, torch.float32) else tensor
-        if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+        if permute and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             tensor = permute_rows(tensor, heads if "q_proj" in hf_name else kv_heads)
         base.add_tensor(gguf_name, tensor.numpy())
         result.tensors[gguf_name] = "F16" if tensor.dtype == torch.float16 else "F32"
@@ -227,8 +231,9 @@ def export_gguf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str |
 
 
 def _write_layer(base: Any, lora: Any, owner: dict[str, Any], layer: str, qconfig: SVDQuantConfig, names: Any,
-                 heads: int, kv_heads: int, result: GGUFExport) -> bool:
-    """One compressed layer: its base into ``base``, its correction (if any) into ``lora``; True when it has one."""
+                 heads: tuple[int, int] | None, result: GGUFExport) -> bool:
+    """One compressed layer: its base into ``base``, its correction (if any) into ``lora``; True when it has one.
+    ``heads``: (query heads, key/value heads) when q/k rows are permuted into llama.cpp's rotary layout."""
     import gguf
 
     def get(tensor: str) -> torch.Tensor:
@@ -236,10 +241,10 @@ def _write_layer(base: Any, lora: Any, owner: dict[str, Any], layer: str, qconfi
 
     gguf_name = names.get_name(layer + ".weight", try_suffixes=(".weight",))
     if gguf_name is None:
-        raise ValueError(f"layer {layer} has no llama.cpp name for the llama architecture")
+        raise ValueError(f"layer {layer} has no llama.cpp name for this architecture")
     bits, group = qconfig.bits_for(layer), qconfig.group_size
     codes, scale, zero = get(fmt.CODES), get(fmt.GROUP_SCALE), get(fmt.GROUP_ZERO)
-    rows = heads if layer.endswith("q_proj") else kv_heads if layer.endswith("k_proj") else None
+    rows = None if heads is None else heads[0] if layer.endswith("q_proj") else heads[1] if layer.endswith("k_proj") else None
 
     def arrange(t: torch.Tensor) -> torch.Tensor:
         return permute_rows(t, rows) if rows else t

@@ -150,3 +150,31 @@ def wide_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             num_key_value_heads=4, vocab_size=128)
     tf.LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def qwen2_gguf_export(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 2-block random Qwen2 (128 wide, q/k/v biases) with SmolLM2's 49152-token vocabulary, compressed as
+    INT4 g32 + rank 8 and exported to GGUF with SmolLM2's tokenizer: (compressed checkpoint, GGUF folder)."""
+    import transformers as tf
+
+    from hf_svdq import SVDQuantConfig
+    from hf_svdq.gguf_export import export_gguf
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("qwen2-gguf")
+    config = tf.Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512)
+    model = tf.Qwen2ForCausalLM(config)
+    with torch.no_grad():  # larger than the default init, so the layers matter to the logits
+        for name, param in model.named_parameters():
+            if param.dim() == 2:
+                param.normal_(0, 0.08)
+            elif name.endswith("bias"):
+                param.normal_(0, 0.3)
+    model.save_pretrained(root / "dense")
+    compressed = tf.AutoModelForCausalLM.from_pretrained(
+        root / "dense", quantization_config=SVDQuantConfig(rank=8, residual_bits=4, group_size=32))
+    compressed.save_pretrained(root / "compressed")
+    export_gguf(root / "compressed", root / "gguf", tokenizer=smollm2_path, progress=False)
+    return root / "compressed", root / "gguf"

@@ -103,5 +103,25 @@ def test_export_refuses_what_gguf_cannot_hold(tiny_checkpoint, tmp_path):
         export_gguf(tmp_path / "lowrank", tmp_path / "out")
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("gpt2"), quantization_config=SVDQuantConfig(rank=0, residual_bits=4, group_size=32))
     model.save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ValueError, match="supports model_type 'llama'"):
+    with pytest.raises(ValueError, match=r"supports model_type \['llama', 'qwen2'\]"):
         export_gguf(tmp_path / "gpt2", tmp_path / "out2")
+
+
+@pytest.mark.real
+def test_a_qwen2_export_reads_back_through_transformers_gguf_loader(qwen2_gguf_export):
+    """Qwen2: no q/k permutation, q/k/v biases carried; transformers' GGUF loader reads every layer back."""
+    compressed, out = qwen2_gguf_export
+    ours = AutoModelForCausalLM.from_pretrained(compressed)
+    reader = gguf.GGUFReader(out / "model.gguf")
+    assert reader.fields["general.architecture"].contents() == "qwen2"
+    base = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)
+    for block in range(2):
+        for kind in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj"):
+            name = f"model.layers.{block}.{kind}"
+            theirs, mine = base.get_submodule(name), ours.get_submodule(name)
+            scale = float(mine.base_weight(torch.float32).abs().max())
+            assert (theirs.weight - mine.base_weight(torch.float32)).abs().max() <= scale * 2**-10, name  # m rounding
+            if mine.bias is not None:
+                assert torch.equal(theirs.bias, mine.bias.float()), name
+    lora = {t.name for t in gguf.GGUFReader(out / "lora.gguf").tensors}
+    assert len(lora) == 2 * 14 and "blk.1.attn_k.weight.lora_b" in lora
