@@ -25,9 +25,9 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_svdq import SVDQuantConfig, smollm2_checkpoint
-from hf_svdq.calibration import CalibrationConfig
-from hf_svdq.evaluation import EvalSettings, perplexity_and_agreement, tokenize_text
-from hf_svdq.report import checkpoint_report
+from hf_svdq.calibration.source import CalibrationConfig
+from hf_svdq.evaluation.metrics import EvalSettings, perplexity_and_agreement, tokenize_text
+from hf_svdq.format.inspect import checkpoint_report
 
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
 

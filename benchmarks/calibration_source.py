@@ -21,8 +21,8 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_svdq import SVDQuantConfig, smollm2_checkpoint
-from hf_svdq.calibration import DATASETS, CalibrationConfig
-from hf_svdq.evaluation import EvalSettings, perplexity_and_agreement, tokenize_text
+from hf_svdq.calibration.source import DATASETS, CalibrationConfig
+from hf_svdq.evaluation.metrics import EvalSettings, perplexity_and_agreement, tokenize_text
 
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
 

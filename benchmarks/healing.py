@@ -1,5 +1,5 @@
 """What healing buys: whitened pure low rank (-20% parameters) on SmolLM2-135M-Instruct, before and after
-distilling its factors against the dense model on the calibration text (``hf_svdq.healing``).
+distilling its factors against the dense model on the calibration text (``hf_svdq.compression.healing``).
 
 Calibration and healing tokens: the bundled text (``"austen"``, Sense and Sensibility), 32 x 256 tokens
 (or ``--heal-samples``); evaluation: first 4096 tokens of prideprejudice.txt and emma.txt; greedy answers
@@ -18,9 +18,15 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_svdq import SVDQuantConfig, smollm2_checkpoint
-from hf_svdq.calibration import CalibrationConfig
-from hf_svdq.evaluation import DEFAULT_PROMPTS, EvalSettings, generation_health, perplexity_and_agreement, tokenize_text
-from hf_svdq.healing import heal
+from hf_svdq.calibration.source import CalibrationConfig
+from hf_svdq.compression.healing import heal
+from hf_svdq.evaluation.metrics import (
+    DEFAULT_PROMPTS,
+    EvalSettings,
+    generation_health,
+    perplexity_and_agreement,
+    tokenize_text,
+)
 
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
 

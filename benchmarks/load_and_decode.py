@@ -56,7 +56,7 @@ def compress(name: str, kwargs: dict[str, Any], folder: Path) -> float:
     from transformers import AutoModelForCausalLM
 
     import hf_svdq
-    from hf_svdq.calibration import CalibrationConfig
+    from hf_svdq.calibration.source import CalibrationConfig
     from hf_svdq.real_model import smollm2_checkpoint
 
     kwargs = dict(kwargs)
@@ -98,7 +98,7 @@ def child(folder: str, dtype: str | None, tokens: int, prefill: int) -> dict[str
     from transformers import AutoModelForCausalLM
 
     import hf_svdq  # noqa: F401  (registers the quantizer; the autoload hook would too)
-    from hf_svdq import backend
+    from hf_svdq.kernels import backend
 
     torch.set_num_threads(1)
     start = time.perf_counter()

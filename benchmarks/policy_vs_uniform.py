@@ -21,11 +21,11 @@ from quality import DEFAULT_TEXT, _format_row, measure
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_svdq import SVDQuantConfig, smollm2_checkpoint
-from hf_svdq.calibration import CalibrationConfig
-from hf_svdq.evaluation import EvalSettings, tokenize_text
-from hf_svdq.layers import COMPRESSED_LAYERS
-from hf_svdq.plan import LinearSpec, layer_bytes
-from hf_svdq.policy import load_policy
+from hf_svdq.calibration.source import CalibrationConfig
+from hf_svdq.compression.plan import LinearSpec, layer_bytes
+from hf_svdq.evaluation.metrics import EvalSettings, tokenize_text
+from hf_svdq.format.policy_file import load_policy
+from hf_svdq.nn.layers import COMPRESSED_LAYERS
 
 
 def analysed_bytes(model: Any, names: list[str]) -> int:

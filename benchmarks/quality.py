@@ -20,9 +20,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_svdq import SVDQuantConfig, smollm2_checkpoint
-from hf_svdq.calibration import CalibrationConfig
-from hf_svdq.evaluation import EvalSettings, generation_health, perplexity_and_agreement, tokenize_text
-from hf_svdq.report import checkpoint_report
+from hf_svdq.calibration.source import CalibrationConfig
+from hf_svdq.evaluation.metrics import EvalSettings, generation_health, perplexity_and_agreement, tokenize_text
+from hf_svdq.format.inspect import checkpoint_report
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
 
@@ -123,7 +123,7 @@ def measure(name: str, model: Any, dense: Any, tokenizer: Any, pride: torch.Tens
 
 
 def settings_prompts() -> tuple[str, ...]:
-    from hf_svdq.evaluation import DEFAULT_PROMPTS
+    from hf_svdq.evaluation.metrics import DEFAULT_PROMPTS
 
     return DEFAULT_PROMPTS
 

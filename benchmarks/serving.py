@@ -27,7 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_svdq import SVDQuantConfig, smollm2_checkpoint
-from hf_svdq.gguf_export import export_gguf
+from hf_svdq.publishing.gguf_export import export_gguf
 
 PROMPT = "The capital of France is"
 

@@ -7,24 +7,26 @@ the public names below are imported on first use.
 __version__ = "0.1.0"
 
 _LAZY = {
-    "FORMAT_VERSION": ".format",
-    "QUANT_METHOD": ".format",
-    "SVDQuantConfig": ".config",
-    "CalibrationConfig": ".calibration",
-    "SVDQLinear": ".modules",
-    "SVDQResidualLinear": ".residual",
-    "SVDQuantizer": ".quantizer",
-    "register": ".registration",
+    "FORMAT_VERSION": ".format.layout",
+    "QUANT_METHOD": ".format.layout",
+    "SVDQuantConfig": ".integration.config",
+    "CalibrationConfig": ".calibration.source",
+    "SVDQLinear": ".nn.low_rank",
+    "SVDQResidualLinear": ".nn.residual",
+    "SVDQuantizer": ".integration.quantizer",
+    "register": ".integration.quantizer",
     "smollm2_checkpoint": ".real_model",
-    "evaluate": ".evaluation",
-    "analyze": ".analyze",
-    "AnalysisSettings": ".analyze",
-    "push_checkpoint": ".hub",
-    "build_model_card": ".model_card",
-    "export": ".serving",
-    "export_gguf": ".gguf_export",
-    "export_awq_lora": ".awq_export",
+    "evaluate": ".evaluation.metrics",
+    "analyze": ".analysis.analyze",
+    "AnalysisSettings": ".analysis.analyze",
+    "push_checkpoint": ".publishing.hub",
+    "build_model_card": ".publishing.model_card",
+    "export": ".publishing.exports",
+    "export_gguf": ".publishing.gguf_export",
+    "export_awq_lora": ".publishing.awq_export",
 }
+
+_REGISTERS = ("SVDQuantConfig", "CalibrationConfig")
 
 __all__ = [
     "FORMAT_VERSION",
@@ -51,23 +53,23 @@ TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing would cost e
 if TYPE_CHECKING:
     from typing import Any
 
-    from .analyze import AnalysisSettings as AnalysisSettings
-    from .analyze import analyze as analyze
-    from .awq_export import export_awq_lora as export_awq_lora
-    from .calibration import CalibrationConfig as CalibrationConfig
-    from .config import SVDQuantConfig as SVDQuantConfig
-    from .evaluation import evaluate as evaluate
-    from .format import FORMAT_VERSION as FORMAT_VERSION
-    from .format import QUANT_METHOD as QUANT_METHOD
-    from .gguf_export import export_gguf as export_gguf
-    from .hub import push_checkpoint as push_checkpoint
-    from .model_card import build_model_card as build_model_card
-    from .modules import SVDQLinear as SVDQLinear
-    from .quantizer import SVDQuantizer as SVDQuantizer
+    from .analysis.analyze import AnalysisSettings as AnalysisSettings
+    from .analysis.analyze import analyze as analyze
+    from .calibration.source import CalibrationConfig as CalibrationConfig
+    from .evaluation.metrics import evaluate as evaluate
+    from .format.layout import FORMAT_VERSION as FORMAT_VERSION
+    from .format.layout import QUANT_METHOD as QUANT_METHOD
+    from .integration.config import SVDQuantConfig as SVDQuantConfig
+    from .integration.quantizer import SVDQuantizer as SVDQuantizer
+    from .integration.quantizer import register as register
+    from .nn.low_rank import SVDQLinear as SVDQLinear
+    from .nn.residual import SVDQResidualLinear as SVDQResidualLinear
+    from .publishing.awq_export import export_awq_lora as export_awq_lora
+    from .publishing.exports import export as export
+    from .publishing.gguf_export import export_gguf as export_gguf
+    from .publishing.hub import push_checkpoint as push_checkpoint
+    from .publishing.model_card import build_model_card as build_model_card
     from .real_model import smollm2_checkpoint as smollm2_checkpoint
-    from .registration import register as register
-    from .residual import SVDQResidualLinear as SVDQResidualLinear
-    from .serving import export as export
 
 
 def __getattr__(name: str) -> "Any":
@@ -75,6 +77,8 @@ def __getattr__(name: str) -> "Any":
         import importlib
 
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        if name in _REGISTERS:  # whoever holds a config can pass it to from_pretrained, also with the autoload hook off
+            importlib.import_module(".integration.quantizer", __name__).register()
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

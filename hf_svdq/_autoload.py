@@ -23,14 +23,14 @@ OPT_OUT_ENV = "HF_SVDQ_NO_AUTOLOAD"
 
 
 def _register(module: "ModuleType") -> None:
-    partial = sys.modules.get("hf_svdq.quantizer")
+    partial = sys.modules.get("hf_svdq.integration.quantizer")
     if partial is not None and not hasattr(partial, "SVDQuantizer"):
-        return  # hf_svdq.quantizer is being imported right now; it registers itself when done
+        return  # hf_svdq.integration.quantizer is being imported right now; it registers itself when done
     try:
-        from hf_svdq.registration import register
+        from hf_svdq.integration.quantizer import register
 
         register(module)
-    except Exception as err:  # never break `import transformers` because of us
+    except Exception as err:  # noqa: BLE001 (never break `import transformers` because of us)
         import warnings
 
         warnings.warn(f"hf_svdq could not register with transformers: {err!r}", RuntimeWarning, stacklevel=2)
@@ -61,7 +61,7 @@ class _Finder:
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
-                spec.loader = _RegisteringLoader(spec.loader)  # type: ignore[assignment] (a duck-typed Loader)
+                spec.loader = _RegisteringLoader(spec.loader)  # type: ignore[assignment]  # (a duck-typed Loader)
                 return spec
         return None
 

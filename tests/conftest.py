@@ -159,7 +159,7 @@ def qwen2_gguf_export(smollm2_path: Path, tmp_path_factory: pytest.TempPathFacto
     import transformers as tf
 
     from hf_svdq import SVDQuantConfig
-    from hf_svdq.gguf_export import export_gguf
+    from hf_svdq.publishing.gguf_export import export_gguf
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("qwen2-gguf")

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_svdq import SVDQuantConfig
-from hf_svdq.analyze import AnalysisSettings, analyze
+from hf_svdq.analysis.analyze import AnalysisSettings, analyze
 
 from .conftest import CharTokenizer, fragile_llama
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hf_svdq.budget import allocate_ranks, tail_loss
+from hf_svdq.algorithms.budget import allocate_ranks, tail_loss
 
 SPECTRA = {
     "flat": torch.ones(64),

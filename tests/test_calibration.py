@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hf_svdq import SVDQuantConfig
-from hf_svdq.calibration import CalibrationConfig
+from hf_svdq.calibration.source import CalibrationConfig
 
 
 class _Tokenizer:
@@ -83,7 +83,7 @@ def test_rank_zero_is_plain_quantization_in_residual_mode():
 
 def test_calibration_accepts_what_transformers_users_pass(tmp_path):
     """Issue 10: a list of strings (as GPTQConfig(dataset=[...])), a path, a dataset name."""
-    from hf_svdq.calibration import BUNDLED_TEXT
+    from hf_svdq.calibration.source import BUNDLED_TEXT
 
     texts = SVDQuantConfig(rank=8, calibration=["first text", "second text"]).calibration
     assert texts.texts == ["first text", "second text"] and texts.raw_text() == "first text\n\nsecond text"
@@ -116,7 +116,7 @@ def test_bad_calibration_values_are_named(value, message):
 
 
 def test_bundled_text_is_long_enough_for_the_default_windows():
-    from hf_svdq.calibration import BUNDLED_TEXT, HELDOUT_TEXT
+    from hf_svdq.calibration.source import BUNDLED_TEXT, HELDOUT_TEXT
 
     # ~21.9k SmolLM2 tokens (README of hf_svdq/data); 64 x 256 = 16k are the default windows
     assert len(BUNDLED_TEXT.read_text(encoding="utf-8").split()) > 16_000 // 1.4  # ~1.4 tokens per word of Austen

@@ -1,6 +1,12 @@
 import pytest
 
-from hf_svdq.degeneration import degeneration_report, detect_loop, distinct_n, repeated_ngram_rate, units
+from hf_svdq.evaluation.degeneration import (
+    degeneration_report,
+    detect_loop,
+    distinct_n,
+    repeated_ngram_rate,
+    units,
+)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from hf_svdq import SVDQuantConfig
-from hf_svdq.activations import input_groups
+from hf_svdq.calibration.statistics import input_groups
 
 
 def _digests(folder):
@@ -29,7 +29,7 @@ COMPRESS = """
 import sys, torch
 from transformers import AutoModelForCausalLM
 from hf_svdq import SVDQuantConfig
-from hf_svdq.calibration import CalibrationConfig
+from hf_svdq.calibration.source import CalibrationConfig
 source, out, mode = sys.argv[1:4]
 torch.manual_seed(int(sys.argv[4]))  # the global RNG state must not matter
 ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -89,7 +89,7 @@ REAL_CALIBRATED = """
 import sys
 from transformers import AutoModelForCausalLM
 from hf_svdq import SVDQuantConfig
-from hf_svdq.calibration import CalibrationConfig
+from hf_svdq.calibration.source import CalibrationConfig
 config = SVDQuantConfig(rank=16, residual_bits=4, group_size=64, skip=[r"re:model\\.layers\\.([3-9]|[12][0-9])\\..*"],
                         calibration=CalibrationConfig(dataset="austen", n_samples=8, seq_len=128))
 AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=config).save_pretrained(sys.argv[2])

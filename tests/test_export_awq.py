@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from hf_svdq import SVDQuantConfig, export
-from hf_svdq.awq_export import AWQ_ORDER, pack_awq
+from hf_svdq.algorithms.groupquant import quantize_rtn
 from hf_svdq.cli import main
-from hf_svdq.groupquant import quantize_rtn
-from hf_svdq.serving import check_export
+from hf_svdq.publishing.awq_export import AWQ_ORDER, pack_awq
+from hf_svdq.publishing.exports import check_export
 
 from .awq_reference import dequantize_gemm, load_awq_as_dense
 from .hub_env import client_env
@@ -148,7 +148,7 @@ def test_smollm2_awq_export_matches_ours_in_the_reference_reader(smollm2_int4_r2
     the AWQ reader + PEFT (float32 compute of the fp16 export)."""
     from transformers import AutoTokenizer
 
-    from hf_svdq.calibration import HELDOUT_TEXT
+    from hf_svdq.calibration.source import HELDOUT_TEXT
 
     folder = tmp_path / "ckpt"
     shutil.copytree(smollm2_int4_r24, folder)
@@ -223,7 +223,7 @@ def test_smollm2_awq_export_in_transformers_own_awq_path(smollm2_int4_r24, smoll
     environment named by ``HF_SVDQ_AWQ_PYTHON`` (``.ci/run`` builds it). fp16 compute, as vLLM serves."""
     from transformers import AutoTokenizer
 
-    from hf_svdq.calibration import HELDOUT_TEXT
+    from hf_svdq.calibration.source import HELDOUT_TEXT
 
     folder = tmp_path / "ckpt"
     shutil.copytree(smollm2_int4_r24, folder)

@@ -13,9 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_svdq import SVDQuantConfig
+from hf_svdq.algorithms.groupquant import pack_codes, quantize_rtn
 from hf_svdq.cli import main
-from hf_svdq.gguf_export import export_gguf, permute_rows, q4_1_blocks
-from hf_svdq.groupquant import pack_codes, quantize_rtn
+from hf_svdq.publishing.gguf_export import export_gguf, permute_rows, q4_1_blocks
 
 
 def test_q4_1_blocks_decode_to_our_values_in_llama_cpp_s_own_decoder():
@@ -91,7 +91,7 @@ def test_cli_export_writes_atomically_and_summarises(exported, smollm2_path, tmp
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "hf_svdq_export.json", "lora.gguf", "model.gguf"]
     card = (tmp_path / "out" / "README.md").read_text()
     assert "llama-cli -m model.gguf --lora lora.gguf" in card and "ADAPTER ./lora.gguf" in card
-    from hf_svdq.serving import check_export
+    from hf_svdq.publishing.exports import check_export
 
     assert check_export(tmp_path / "out")["summary"]["tensor_types"]["Q4_1"] == 210
 

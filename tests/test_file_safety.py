@@ -11,10 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_svdq import SVDQuantConfig
-from hf_svdq.calibration import CalibrationConfig
+from hf_svdq.calibration.source import CalibrationConfig
 from hf_svdq.cli import main
-from hf_svdq.hub import push_checkpoint, upload_files
-from hf_svdq.output_folder import atomic_folder, check_output_folder
+from hf_svdq.format.output_folder import atomic_folder, check_output_folder
+from hf_svdq.publishing.hub import push_checkpoint, upload_files
 
 DEAD_ENDPOINT = "http://127.0.0.1:9"  # any request fails: errors below must come before one
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from hf_svdq.groupquant import CLIP_GRID, pack_codes, quantize_gptq, quantize_rtn, unpack_codes
-from hf_svdq.whitening import output_error
+from hf_svdq.algorithms.groupquant import CLIP_GRID, pack_codes, quantize_gptq, quantize_rtn, unpack_codes
+from hf_svdq.algorithms.whitening import output_error
 
 
 def _weights(m=32, n=128, seed=0):

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_svdq import SVDQuantConfig
-from hf_svdq.healing import heal
+from hf_svdq.compression.healing import heal
 
 
 @pytest.mark.parametrize("kwargs", [{"rank": 8}, {"rank": 4, "residual_bits": 4, "group_size": 32}])

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from hf_svdq import SVDQuantConfig
-from hf_svdq.calibration import CalibrationConfig
+from hf_svdq.calibration.source import CalibrationConfig
 
 BAD_FIELDS = [
     ({"rank": True}, "rank must be"),

@@ -14,12 +14,12 @@ import threading
 import pytest
 import torch
 
-from hf_svdq import backend, ops
-from hf_svdq.groupquant import quantize_rtn
-from hf_svdq.kernels import low_rank_linear, low_rank_linear_reference, residual_linear_reference
-from hf_svdq.linalg import low_rank_int8
-from hf_svdq.modules import SVDQLinear
-from hf_svdq.residual import SVDQResidualLinear
+from hf_svdq.algorithms.groupquant import quantize_rtn
+from hf_svdq.algorithms.linalg import low_rank_int8
+from hf_svdq.kernels import backend, ops
+from hf_svdq.kernels.reference import low_rank_linear, low_rank_linear_reference, residual_linear_reference
+from hf_svdq.nn.low_rank import SVDQLinear
+from hf_svdq.nn.residual import SVDQResidualLinear
 
 pytest.importorskip("numba")
 
@@ -298,7 +298,7 @@ def test_int8_head_decodes_from_int8_and_stores_nothing_new(kernels, tiny_checkp
     from transformers import AutoModelForCausalLM
 
     from hf_svdq import SVDQuantConfig
-    from hf_svdq.head import SVDQInt8Head
+    from hf_svdq.nn.head import SVDQInt8Head
 
     config = SVDQuantConfig(rank=4, residual_bits=4, group_size=16, int8_head=True)
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"), quantization_config=config)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from hf_svdq.linalg import (
+from hf_svdq.algorithms.linalg import (
     break_even_rank,
     energy_rank,
     factor_bytes,

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_svdq.gguf_export import export_gguf
+from hf_svdq.publishing.gguf_export import export_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="the [serve-test] extra (llama-cpp-python) is not installed")
 

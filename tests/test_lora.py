@@ -9,7 +9,13 @@ from transformers import AutoModelForCausalLM
 from hf_svdq import SVDQLinear, SVDQuantConfig
 
 peft = pytest.importorskip("peft")
-from hf_svdq.lora import load_adapter, lora_config_from_policy, lora_target_modules, pillar_modules, register_lora
+from hf_svdq.integration.peft_lora import (
+    load_adapter,
+    lora_config_from_policy,
+    lora_target_modules,
+    pillar_modules,
+    register_lora,
+)
 
 PILLAR = "model.layers.1.self_attn.v_proj"
 

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_svdq import SVDQuantConfig
-from hf_svdq.allocation import option_ranks, relative_error_curves
-from hf_svdq.report import checkpoint_report
+from hf_svdq.algorithms.allocation import option_ranks, relative_error_curves
+from hf_svdq.format.inspect import checkpoint_report
 
 
 def test_error_curves_fall_with_rank_and_bits():
@@ -78,7 +78,7 @@ def test_mixed_budget_round_trip(wide_llama, tmp_path):
 
 
 def test_fisher_sensitivity_is_positive_and_leaves_the_model_as_it_was(tiny_checkpoint):
-    from hf_svdq.fisher import output_sensitivity
+    from hf_svdq.compression.fisher import output_sensitivity
 
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"))
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]

@@ -10,8 +10,8 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
 from hf_svdq import SVDQuantConfig
-from hf_svdq.hub import check_checkpoint, check_repo_id, push_checkpoint
-from hf_svdq.model_card import build_model_card, module_kind, write_model_card
+from hf_svdq.publishing.hub import check_checkpoint, check_repo_id, push_checkpoint
+from hf_svdq.publishing.model_card import build_model_card, module_kind, write_model_card
 
 EVALUATION = {
     "text": "/data/prideprejudice.txt",
@@ -96,7 +96,7 @@ def test_checks_before_any_upload(compressed, tiny_checkpoint, tmp_path, monkeyp
     for bad in ("user/na me", "a/b/c", "user/-x-", ""):
         with pytest.raises(ValueError, match="malformed"):
             check_repo_id(bad)
-    monkeypatch.setattr("hf_svdq.hub.get_token", lambda: None)
+    monkeypatch.setattr("hf_svdq.publishing.hub.get_token", lambda: None)
     with pytest.raises(ValueError, match="no Hugging Face token"):
         push_checkpoint(compressed, "user/tiny", endpoint="http://127.0.0.1:9")
 

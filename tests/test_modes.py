@@ -8,9 +8,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from hf_svdq import SVDQuantConfig
-from hf_svdq.calibration import CalibrationConfig
-from hf_svdq.layers import COMPRESSED_LAYERS, SVDQLinear, SVDQResidualLinear
-from hf_svdq.report import checkpoint_report
+from hf_svdq.calibration.source import CalibrationConfig
+from hf_svdq.format.inspect import checkpoint_report
+from hf_svdq.nn.layers import COMPRESSED_LAYERS, SVDQLinear, SVDQResidualLinear
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_dense_statistics_are_cached_and_reused(tiny_checkpoint, calibration, in
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_residual_base_weight_matches_reference_dequantization(bits, dtype):
-    from hf_svdq.groupquant import quantize_rtn
+    from hf_svdq.algorithms.groupquant import quantize_rtn
 
     weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(0))
     base = quantize_rtn(weight, bits, 16)

@@ -3,9 +3,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from hf_svdq.kernels import low_rank_linear, low_rank_linear_reference
-from hf_svdq.linalg import low_rank_int8
-from hf_svdq.modules import SVDQLinear
+from hf_svdq.algorithms.linalg import low_rank_int8
+from hf_svdq.kernels.reference import low_rank_linear, low_rank_linear_reference
+from hf_svdq.nn.low_rank import SVDQLinear
 
 
 def _linear(bias=True):

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_svdq import SVDQuantConfig
-from hf_svdq.groupquant import MIN_SCALE, quantize_gptq, quantize_rtn
+from hf_svdq.algorithms.groupquant import MIN_SCALE, quantize_gptq, quantize_rtn
 
 from .conftest import tiny_model
 

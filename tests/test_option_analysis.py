@@ -9,12 +9,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_svdq import SVDQuantConfig
-from hf_svdq.block_kl import BlockKL
-from hf_svdq.calibration import CalibrationConfig
-from hf_svdq.compress import compress_layer
-from hf_svdq.option_analysis import analyze_options, interpolate_kl, probe_points
-from hf_svdq.plan import find_linear_layers
-from hf_svdq.probes import swapped
+from hf_svdq.analysis.block_kl import BlockKL
+from hf_svdq.analysis.options import analyze_options, interpolate_kl, probe_points
+from hf_svdq.analysis.probes import swapped
+from hf_svdq.calibration.source import CalibrationConfig
+from hf_svdq.compression.compress import compress_layer
+from hf_svdq.compression.plan import find_linear_layers
 
 from .conftest import ARCHITECTURES, CharTokenizer, tiny_model
 

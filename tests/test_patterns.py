@@ -1,6 +1,6 @@
 import pytest
 
-from hf_svdq.patterns import compile_pattern, unmatched
+from hf_svdq.integration.patterns import compile_pattern, unmatched
 
 
 @pytest.mark.parametrize(

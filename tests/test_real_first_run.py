@@ -7,7 +7,7 @@ import json
 import pytest
 
 from hf_svdq import cli
-from hf_svdq.degeneration import detect_loop, units
+from hf_svdq.evaluation.degeneration import detect_loop, units
 
 pytestmark = pytest.mark.real
 

@@ -7,11 +7,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_svdq import backend
-from hf_svdq.groupquant import quantize_rtn
-from hf_svdq.kernels import residual_linear_reference
-from hf_svdq.linalg import low_rank_int8
-from hf_svdq.residual import SVDQResidualLinear
+from hf_svdq.algorithms.groupquant import quantize_rtn
+from hf_svdq.algorithms.linalg import low_rank_int8
+from hf_svdq.kernels import backend
+from hf_svdq.kernels.reference import residual_linear_reference
+from hf_svdq.nn.residual import SVDQResidualLinear
 
 pytestmark = pytest.mark.real
 pytest.importorskip("numba")
@@ -71,7 +71,7 @@ def test_decode_perplexity_and_greedy_tokens_match_the_reference(smollm2_int4_r2
 
 
 def test_int8_head_keeps_decode_perplexity(smollm2_int4_r24, smollm2_path, text_dir, monkeypatch):
-    from hf_svdq.head import SVDQInt8Head, install_int8_head
+    from hf_svdq.nn.head import SVDQInt8Head, install_int8_head
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
     model = AutoModelForCausalLM.from_pretrained(smollm2_int4_r24)

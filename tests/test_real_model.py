@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_svdq import SVDQLinear, SVDQuantConfig
-from hf_svdq.report import checkpoint_report
+from hf_svdq.format.inspect import checkpoint_report
 
 pytestmark = pytest.mark.real
 

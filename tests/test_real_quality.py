@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_svdq import SVDQuantConfig
-from hf_svdq.calibration import CalibrationConfig
+from hf_svdq.calibration.source import CalibrationConfig
 from hf_svdq.cli import main
-from hf_svdq.evaluation import EvalSettings, perplexity_and_agreement, tokenize_text
+from hf_svdq.evaluation.metrics import EvalSettings, perplexity_and_agreement, tokenize_text
 
 pytestmark = pytest.mark.real
 

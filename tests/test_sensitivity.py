@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from hf_svdq.budget import choose_options
-from hf_svdq.policy import Thresholds, classify, config_kwargs_from_policy, load_policy
-from hf_svdq.sensitivity import family, layer_metrics, split_name
+from hf_svdq.algorithms.budget import choose_options
+from hf_svdq.analysis.policy import Thresholds, classify
+from hf_svdq.analysis.sensitivity import family, layer_metrics, split_name
+from hf_svdq.format.policy_file import config_kwargs_from_policy, load_policy
 
 
 def test_layer_metrics_known_answers():
@@ -112,7 +113,7 @@ def test_calibrated_policy_without_calibration_warns():
 
 
 def test_outliers_are_found_robustly():
-    from hf_svdq.policy import Thresholds, find_outliers
+    from hf_svdq.analysis.policy import Thresholds, find_outliers
 
     generator = torch.Generator().manual_seed(0)
     bulk = {f"layer{i}": float(10 ** (-3 + 0.5 * torch.randn((), generator=generator))) for i in range(40)}
@@ -137,7 +138,7 @@ def test_smollm2_analysis_has_no_outlier_but_its_strongest_layers_are_pillars():
     import json
     from pathlib import Path
 
-    from hf_svdq.policy import find_outliers
+    from hf_svdq.analysis.policy import find_outliers
 
     report = json.loads((Path(__file__).resolve().parent.parent / "benchmarks/results/analysis-smollm2/report.json").read_text())
     alone = {g: m["kl"] for g, m in report["probes"]["alone"].items()}

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hf_svdq.whitening import Whitener, output_error, refit_left, whitened_low_rank, whitened_spectrum
+from hf_svdq.algorithms.whitening import Whitener, output_error, refit_left, whitened_low_rank, whitened_spectrum
 
 
 def _problem(m=40, n=24, tokens=500, seed=0):

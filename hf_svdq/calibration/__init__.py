@@ -1,0 +1,2 @@
+"""Calibration data: where it comes from (text, files, bundled datasets, model samples) and the activation
+statistics collected from it."""

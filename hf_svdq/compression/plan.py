@@ -1,0 +1,219 @@
+"""Which layers get compressed, at which rank: the resolution of a config against a model.
+
+:func:`resolve_plan` is pure (layer specs in, decisions out) so it is testable without a model;
+:func:`find_linear_layers` and :func:`protected_layers` read a (meta) model.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..algorithms.linalg import factor_bytes
+from ..integration.config import SVDQuantConfig
+from ..integration.patterns import first_match, unmatched
+from ..nn.low_rank import SVDQLinear, is_conv1d
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """A layer hf_svdq can compress: ``nn.Linear`` or GPT-2 ``Conv1D`` (``transposed``)."""
+
+    name: str
+    out_features: int
+    in_features: int
+    bias: bool
+    transposed: bool = False
+
+
+RANK_FROM_DATA = -1
+"""``LayerDecision.rank`` of a layer to compress whose rank is decided from its weights or activations."""
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """``rank`` is None when the layer stays dense; ``reason`` says why (or notes a clamp)."""
+
+    spec: LinearSpec
+    rank: int | None
+    reason: str = ""
+
+
+def find_linear_layers(model: nn.Module) -> list[LinearSpec]:
+    """Every ``nn.Linear``/``Conv1D`` (and already-compressed ``SVDQLinear``) of ``model``, by name."""
+    specs = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            specs.append(LinearSpec(name, module.out_features, module.in_features, module.bias is not None))
+        elif is_conv1d(module):
+            in_features, out_features = module.weight.shape
+            specs.append(LinearSpec(name, out_features, in_features, module.bias is not None, transposed=True))
+        elif isinstance(module, SVDQLinear):
+            specs.append(
+                LinearSpec(name, module.out_features, module.in_features, module.bias is not None, module.transposed)
+            )
+    return specs
+
+
+def protected_layers(model: nn.Module) -> dict[str, str]:
+    """Layers always kept dense: the output head and anything whose weight is tied to another."""
+    protected: dict[str, str] = {}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # type: ignore[operator]
+    tied: Mapping[str, str] = getattr(model, "all_tied_weights_keys", None) or {}
+    for name, module in model.named_modules():
+        if head is not None and module is head:
+            protected[name] = "output embedding"
+    for target, source in tied.items():
+        for key, other in ((target, source), (source, target)):
+            module_name = key.rsplit(".", 1)[0]
+            protected.setdefault(module_name, f"weight tied to {other}")
+    return protected
+
+
+def resolve_plan(
+    specs: Sequence[LinearSpec],
+    config: SVDQuantConfig,
+    protected: Mapping[str, str],
+    dense_element_bytes: int,
+) -> list[LayerDecision]:
+    """Decide each layer's rank from ``config.rank``/``config.skip`` (ignores ``config.ranks``).
+
+    Warns (``UserWarning``) for every skip or rank pattern that matches no eligible layer.
+    """
+    names = [s.name for s in specs]
+    skip = config.skip_patterns()
+    rank_rules = config.rank_patterns()
+    for text in unmatched(skip, names):
+        warnings.warn(f"SVDQuantConfig.skip pattern {text!r} matched no Linear layer", UserWarning, stacklevel=3)
+    for text in unmatched([p for p, _ in rank_rules], names):
+        warnings.warn(f"SVDQuantConfig.rank pattern {text!r} matched no Linear layer", UserWarning, stacklevel=3)
+
+    data_rank = config.rank is None  # energy or budget policy: ranks come from the data
+    decisions = []
+    for spec in specs:
+        if spec.name in protected:
+            decisions.append(LayerDecision(spec, None, protected[spec.name]))
+            continue
+        hit = first_match(skip, spec.name)
+        if hit is not None:
+            decisions.append(LayerDecision(spec, None, f"skip pattern {hit.text!r}"))
+            continue
+        if config.residual_bits is not None and spec.in_features % (config.group_size or spec.in_features):
+            decisions.append(LayerDecision(spec, None, f"group_size {config.group_size} does not divide in_features {spec.in_features}"))
+            continue
+        if data_rank:
+            decisions.append(LayerDecision(spec, RANK_FROM_DATA))
+            continue
+        rule = next(((p, r) for p, r in rank_rules if p.matches(spec.name)), None)
+        if rule is None:
+            decisions.append(LayerDecision(spec, None, "no rank pattern matched"))
+            continue
+        decisions.append(_decide_rank(spec, rule[1], dense_element_bytes, config))
+    _check_group_size(decisions, config)
+    return decisions
+
+
+def _check_group_size(decisions: Sequence[LayerDecision], config: SVDQuantConfig) -> None:
+    """A group size that divides no eligible layer's width would leave the whole model dense: an error.
+    One that divides only some leaves the others dense: a warning naming how many and the widths."""
+    misfit = [d for d in decisions if d.rank is None and d.reason.startswith("group_size")]
+    if not misfit:
+        return
+    widths = sorted({d.spec.in_features for d in misfit})
+    if not any(d.rank is not None for d in decisions):
+        raise ValueError(f"group_size {config.group_size} divides the input width of none of the {len(misfit)} eligible layers "
+                         f"(widths {widths}): every layer would stay dense; choose a divisor of those widths")
+    warnings.warn(f"group_size {config.group_size} does not divide the input width {widths} of {len(misfit)} layer(s), "
+                  f"e.g. {misfit[0].spec.name}: they stay dense (bits per weight over compressed layers leave them out)",
+                  UserWarning, stacklevel=4)
+
+
+def layer_bytes(spec: LinearSpec, rank: int, config: SVDQuantConfig, scale_bytes: int, bits: int | None = None) -> int:
+    """Stored bytes of one compressed layer at ``rank`` (bias excluded), for either layout; ``bits``
+    overrides the layer's base width (default: :meth:`SVDQuantConfig.bits_for`)."""
+    m, n = spec.out_features, spec.in_features
+    lowrank = factor_bytes(m, n, rank, scale_bytes) if rank else 0
+    bits = bits if bits is not None else config.bits_for(spec.name)
+    if bits is None:
+        return lowrank
+    group = config.group_size or n
+    return m * n * bits // 8 + m * (n // group) * 3 + lowrank
+
+
+def _decide_rank(spec: LinearSpec, requested: int, dense_element_bytes: int, config: SVDQuantConfig) -> LayerDecision:
+    full = min(spec.out_features, spec.in_features)
+    rank, note = requested, ""
+    if requested > full:
+        rank, note = full, f"rank {requested} clamped to min(out, in) = {full}"
+    if config.residual_bits is None and rank >= spec.in_features:
+        return LayerDecision(spec, None, f"full rank: rank {rank} >= in_features {spec.in_features}, nothing to truncate")
+    stored = layer_bytes(spec, rank, config, dense_element_bytes)
+    dense = spec.out_features * spec.in_features * dense_element_bytes
+    if stored >= dense:
+        return LayerDecision(spec, None, f"break-even: rank-{rank} compressed layer takes {stored} B >= dense {dense} B")
+    return LayerDecision(spec, rank, note)
+
+
+def plan_from_resolved(specs: Sequence[LinearSpec], config: SVDQuantConfig) -> list[LayerDecision]:
+    """Decisions from ``config.ranks`` (a saved checkpoint or a policy), validated against ``specs``."""
+    ranks = config.ranks or {}
+    by_name = {s.name: s for s in specs}
+    unknown = sorted(set(ranks) - set(by_name))
+    if unknown:
+        raise ValueError(
+            f"SVDQuantConfig.ranks names {len(unknown)} module(s) that are not Linear layers of this model, "
+            f"e.g. {unknown[:3]}: the config was made for another architecture"
+        )
+    stray = sorted(set(config.layer_bits or {}) - set(ranks))
+    if stray:
+        raise ValueError(f"SVDQuantConfig.layer_bits names {len(stray)} module(s) that are not compressed (not in ranks), "
+                         f"e.g. {stray[:3]}")
+    if config.dense is not None:
+        uncovered = [s.name for s in specs if s.name not in ranks and s.name not in config.dense]
+        if uncovered:
+            raise ValueError(
+                f"SVDQuantConfig.ranks/dense do not mention {len(uncovered)} Linear layer(s) of this model, "
+                f"e.g. {uncovered[:3]}: the config (or policy) was made for another architecture"
+            )
+    decisions = []
+    for spec in specs:
+        rank = ranks.get(spec.name)
+        if rank is None:
+            decisions.append(LayerDecision(spec, None, (config.dense or {}).get(spec.name, "not in ranks")))
+        elif rank > spec.out_features or rank > spec.in_features or (config.residual_bits is None and (rank >= spec.in_features or rank < 1)):
+            raise ValueError(
+                f"SVDQuantConfig.ranks[{spec.name!r}] = {rank} does not fit its {spec.out_features}x{spec.in_features} "
+                "weight (low rank needs 1 <= rank < in_features; residual mode 0 <= rank <= min(out, in))"
+            )
+        else:
+            decisions.append(LayerDecision(spec, rank))
+    return decisions
+
+
+def log_plan(decisions: Sequence[LayerDecision]) -> None:
+    """Log a summary; warn (once per kind, with a count and an example) about clamps and guards."""
+    compressed = sum(d.rank is not None for d in decisions)
+    logger.info("hf_svdq: compressing %d of %d Linear layers", compressed, len(decisions))
+    groups: dict[str, list[LayerDecision]] = {}
+    for d in decisions:
+        if d.reason:
+            groups.setdefault(d.reason.split(":")[0].split(" ")[0], []).append(d)
+    for kind, members in groups.items():
+        example = members[0]
+        level = logging.WARNING if kind in ("break-even", "full", "rank") else logging.INFO
+        logger.log(level, "hf_svdq: %d layer(s) %s, e.g. %s: %s", len(members),
+                   "kept dense" if example.rank is None else "adjusted", example.spec.name, example.reason)
+
+
+def recorded_dense(decisions: Sequence[LayerDecision]) -> dict[str, str]:
+    return {d.spec.name: d.reason for d in decisions if d.rank is None}
+
+
+def recorded_ranks(decisions: Sequence[LayerDecision]) -> dict[str, int]:
+    return {d.spec.name: d.rank for d in decisions if d.rank is not None}

@@ -1,0 +1,107 @@
+"""Reading safetensors headers and checking them against the hf_svdq format before any load."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from safetensors import safe_open
+
+from . import layout as fmt
+
+TensorHeaders = dict[str, tuple[tuple[int, ...], str]]
+"""``{tensor name: (shape, safetensors dtype such as "I8" or "F32")}``."""
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def read_headers(files: Iterable[str | os.PathLike[str]]) -> TensorHeaders:
+    """Shapes and dtypes of every tensor in ``files`` (reads headers only)."""
+    headers: TensorHeaders = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                tensor_slice = handle.get_slice(key)
+                headers[key] = (tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
+    return headers
+
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def check_single_or_sharded(files: Iterable[str | os.PathLike[str]]) -> None:
+    """Refuse a folder holding both a single-file save and a sharded one: one of them is stale, and
+    transformers would load the single file without a word."""
+    for folder in sorted({Path(f).parent for f in files}):
+        if (folder / SINGLE_FILE).is_file() and (folder / INDEX_FILE).is_file():
+            raise ValueError(f"{folder} holds both {SINGLE_FILE} and {INDEX_FILE} (a single-file and a sharded save): "
+                             "one of them is left over from an earlier save; delete the stale one")
+
+
+def safetensors_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """The weight files of a saved model folder: the shards its index lists, or ``model.safetensors``
+    (or, for other layouts, every ``*.safetensors``); ValueError on a stale mix, naming the files."""
+    root = Path(folder)
+    index = root / INDEX_FILE
+    if index.is_file():
+        check_single_or_sharded([index])
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted({root / str(name) for name in weight_map.values()})
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index} is not a safetensors index ({err})") from None
+        missing = [f.name for f in files if not f.is_file() or f.parent != root]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shard(s) that are not in {root}: {missing[:3]}")
+        return files
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors file in {folder}")
+    return files
+
+
+def expected_tensors(
+    name: str, out_features: int, in_features: int, rank: int, bits: int | None = None, group_size: int | None = None
+) -> dict[str, tuple[tuple[int, ...], Sequence[str]]]:
+    """``{tensor name: (shape, allowed dtypes)}`` of one compressed layer (bias not included), in the
+    low-rank layout, or the residual layout when ``bits`` is given."""
+    if bits is None:
+        return {
+            f"{name}.{fmt.LEFT}": ((out_features, rank), ("I8",)),
+            f"{name}.{fmt.LEFT_SCALE}": ((out_features,), FLOAT_DTYPES),
+            f"{name}.{fmt.RIGHT}": ((rank, in_features), ("I8",)),
+            f"{name}.{fmt.RIGHT_SCALE}": ((rank,), FLOAT_DTYPES),
+        }
+    group = group_size or in_features
+    groups = in_features // group
+    expected: dict[str, tuple[tuple[int, ...], Sequence[str]]] = {
+        f"{name}.{fmt.CODES}": ((out_features, groups, group * bits // 8), ("U8",)),
+        f"{name}.{fmt.GROUP_SCALE}": ((out_features, groups), ("F16",)),
+        f"{name}.{fmt.GROUP_ZERO}": ((out_features, groups), ("U8",)),
+    }
+    if rank:
+        expected.update({
+            f"{name}.{fmt.CORR_LEFT}": ((out_features, rank), ("I8",)),
+            f"{name}.{fmt.CORR_LEFT_SCALE}": ((out_features,), FLOAT_DTYPES),
+            f"{name}.{fmt.RIGHT}": ((rank, in_features), ("I8",)),
+            f"{name}.{fmt.RIGHT_SCALE}": ((rank,), FLOAT_DTYPES),
+        })
+    return expected
+
+
+def check_layer(
+    headers: TensorHeaders, name: str, out_features: int, in_features: int, rank: int,
+    bits: int | None = None, group_size: int | None = None,
+) -> None:
+    """Raise ``ValueError`` naming the tensor if the checkpoint lacks or misshapes a tensor of ``name``."""
+    for key, (shape, dtypes) in expected_tensors(name, out_features, in_features, rank, bits, group_size).items():
+        if key not in headers:
+            raise ValueError(f"hf_svdq checkpoint is missing tensor {key} (compressed layer {name}, rank {rank})")
+        got_shape, got_dtype = headers[key]
+        if got_shape != shape or got_dtype not in dtypes:
+            raise ValueError(
+                f"hf_svdq checkpoint tensor {key} is {got_dtype}{list(got_shape)}, expected {'/'.join(dtypes)}{list(shape)}"
+            )

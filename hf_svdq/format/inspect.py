@@ -1,0 +1,162 @@
+"""Per-layer size report of a saved checkpoint, read from ``config.json`` and safetensors headers.
+
+Nothing is loaded into memory but the headers, so this works on any checkpoint size.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import layout as fmt
+from .checkpoint import expected_tensors, read_headers, safetensors_files
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One eligible Linear layer of a checkpoint."""
+
+    name: str
+    out_features: int
+    in_features: int
+    rank: int | None
+    dense_bytes: int  # the dense weight in the checkpoint's float dtype
+    stored_bytes: int  # what the checkpoint holds for the weight (factors + scales, or the dense weight)
+    note: str  # "" when compressed, else why it stayed dense
+
+
+@dataclass(frozen=True)
+class CheckpointReport:
+    layers: list[LayerRow]
+    total_bytes: int  # all tensors in the checkpoint
+    dense_total_bytes: int  # the same model with every compressed layer dense
+    dense_params: int  # parameter count of the dense model
+    format_version: int | None
+
+    @property
+    def compressed(self) -> list[LayerRow]:
+        return [row for row in self.layers if row.rank is not None]
+
+    def bits_per_weight_compressed(self) -> float:
+        """Stored bits per dense weight over the compressed layers only."""
+        rows = self.compressed
+        weights = sum(r.out_features * r.in_features for r in rows)
+        return 8.0 * sum(r.stored_bytes for r in rows) / weights if weights else float("nan")
+
+    def bits_per_weight_overall(self) -> float:
+        """All checkpoint bits over all weights of the dense model."""
+        return 8.0 * self.total_bytes / self.dense_params if self.dense_params else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "layers_compressed": len(self.compressed),
+            "layers_dense": len(self.layers) - len(self.compressed),
+            "bytes_dense": self.dense_total_bytes,
+            "bytes_stored": self.total_bytes,
+            "bits_per_weight_compressed_layers": self.bits_per_weight_compressed(),
+            "bits_per_weight_overall": self.bits_per_weight_overall(),
+            "layers": [asdict(r) for r in self.layers],
+        }
+
+
+def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count * _DTYPE_BYTES.get(dtype, 4)
+
+
+def checkpoint_report(folder: str | Path) -> CheckpointReport:
+    """Report on a saved (hf_svdq or plain) checkpoint folder."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a transformers checkpoint folder")
+    config = json.loads(config_path.read_text())
+    qconfig = config.get("quantization_config") or {}
+    if qconfig and qconfig.get("quant_method") != fmt.QUANT_METHOD:
+        raise ValueError(f"{folder} is quantized with {qconfig.get('quant_method')!r}, not hf_svdq")
+    headers = read_headers(safetensors_files(folder))
+    ranks: dict[str, int] = qconfig.get("ranks") or {}
+    dense_notes: dict[str, str] = qconfig.get("dense") or {}
+
+    rows, compressed_tensors = [], set[str]()
+    residual_bits, group_size = qconfig.get("residual_bits"), qconfig.get("group_size")
+    layer_bits: dict[str, int] = qconfig.get("layer_bits") or {}
+    for name, rank in ranks.items():
+        bits = layer_bits.get(name, residual_bits)
+        first = f"{name}.{fmt.LEFT}"
+        if first not in headers:
+            raise ValueError(f"{folder}: compressed layer {name} lacks tensor {first}")
+        shape = headers[first][0]
+        if bits is None:
+            out_features, in_features = shape[0], headers.get(f"{name}.{fmt.RIGHT}", ((0, 0), ""))[0][1]
+            scale_dtype = headers.get(f"{name}.{fmt.LEFT_SCALE}", ((), "F32"))[1]
+        else:
+            out_features, in_features = shape[0], shape[1] * shape[2] * 8 // bits
+            scale_dtype = headers.get(f"{name}.{fmt.CORR_LEFT_SCALE}", headers.get(f"{name}.bias", ((), "F32")))[1]
+        expected = expected_tensors(name, out_features, in_features, rank, bits, group_size)
+        missing = [n for n in expected if n not in headers]
+        if missing:
+            raise ValueError(f"{folder}: compressed layer {name} lacks tensor(s) {missing}")
+        stored = sum(_nbytes(*headers[n]) for n in expected)
+        dense = out_features * in_features * _DTYPE_BYTES.get(scale_dtype, 4)
+        rows.append(LayerRow(name, out_features, in_features, rank, dense, stored, ""))
+        compressed_tensors.update(expected)
+    for name, note in dense_notes.items():
+        key = f"{name}.weight"
+        if key not in headers:  # a head tied to the embedding is stored once, under the embedding
+            rows.append(LayerRow(name, 0, 0, None, 0, 0, f"{note} (tied: stored with the weight it is tied to)"))
+            continue
+        shape, dtype = headers[key]
+        out_features, in_features = shape[0], shape[-1]  # as stored (GPT-2 Conv1D stores [in, out])
+        size = _nbytes(shape, dtype)
+        rows.append(LayerRow(name, out_features, in_features, None, size, size, note))
+    rows.sort(key=lambda r: r.name)
+
+    total = sum(_nbytes(*v) for v in headers.values())
+    dense_total = total - sum(r.stored_bytes - r.dense_bytes for r in rows if r.rank is not None)
+    params = sum(_numel(shape) for key, (shape, _) in headers.items() if key not in compressed_tensors)
+    params += sum(r.out_features * r.in_features for r in rows if r.rank is not None)
+    return CheckpointReport(rows, total, dense_total, params, qconfig.get("format_version"))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def format_report(report: CheckpointReport, per_layer: bool = True) -> str:
+    """A readable table plus the summary lines."""
+    lines = []
+    if per_layer:
+        lines.append(f"{'layer':<48} {'shape':>11} {'rank':>5} {'dense B':>10} {'stored B':>10}  note")
+        for r in report.layers:
+            rank = "-" if r.rank is None else str(r.rank)
+            shape = f"{r.out_features}x{r.in_features}" if r.out_features else "-"
+            lines.append(f"{r.name:<48} {shape:>11} {rank:>5} {r.dense_bytes:>10} {r.stored_bytes:>10}  {r.note or 'compressed'}")
+        lines.append("")
+    n = len(report.compressed)
+    lines.append(f"layers compressed: {n}, kept dense: {len(report.layers) - n}")
+    by_type: dict[str, list[LayerRow]] = {}
+    for row in report.layers:
+        by_type.setdefault(row.name.rsplit(".", 1)[-1], []).append(row)
+    for kind, rows in sorted(by_type.items()):
+        ranks = sorted(r.rank for r in rows if r.rank is not None)
+        dense = len(rows) - len(ranks)
+        text = f"rank {ranks[0]}..{ranks[-1]} (median {ranks[len(ranks) // 2]})" if ranks else "no rank"
+        lines.append(f"  {kind:<12} {len(ranks):>3} compressed, {dense:>3} dense; {text}")
+    ratio = report.total_bytes / report.dense_total_bytes if report.dense_total_bytes else float("nan")
+    lines.append(f"bytes: {report.dense_total_bytes:,} dense -> {report.total_bytes:,} stored ({ratio:.3f}x)")
+    lines.append(
+        f"bits per weight: {report.bits_per_weight_compressed():.2f} over compressed layers, "
+        f"{report.bits_per_weight_overall():.2f} overall"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,2 @@
+"""The transformers integration: the config, the ``HfQuantizer`` hooks, registration, PEFT LoRA; the only
+code that touches the quantizer API."""

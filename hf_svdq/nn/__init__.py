@@ -1,0 +1,1 @@
+"""The compressed ``nn.Module`` layers (built on the meta device, filled from factors)."""
