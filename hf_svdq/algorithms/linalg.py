@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..format.layout import INT8_MAX
+from ..format.layout import INT8_MAX, LayerShape, layer_nbytes
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,8 @@ def break_even_rank(out_features: int, in_features: int) -> float:
 
 
 def factor_bytes(out_features: int, in_features: int, rank: int, scale_bytes: int) -> int:
-    """Bytes of INT8 factors of rank ``rank`` plus their per-row scales (bias excluded)."""
-    return rank * (out_features + in_features) + (out_features + rank) * scale_bytes
+    """Bytes of INT8 factors of rank ``rank`` plus their per-row scales (bias excluded; the low-rank layout)."""
+    return layer_nbytes(LayerShape(out_features, in_features, rank), scale_bytes)
 
 
 def energy_rank(singular_values: torch.Tensor, energy: float) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..algorithms.linalg import factor_bytes
+from ..format.layout import LayerShape, layer_nbytes
 from ..integration.config import SVDQuantConfig
 from ..integration.patterns import first_match, unmatched
 from ..nn.low_rank import SVDQLinear, is_conv1d
@@ -137,13 +137,9 @@ def _check_group_size(decisions: Sequence[LayerDecision], config: SVDQuantConfig
 def layer_bytes(spec: LinearSpec, rank: int, config: SVDQuantConfig, scale_bytes: int, bits: int | None = None) -> int:
     """Stored bytes of one compressed layer at ``rank`` (bias excluded), for either layout; ``bits``
     overrides the layer's base width (default: :meth:`SVDQuantConfig.bits_for`)."""
-    m, n = spec.out_features, spec.in_features
-    lowrank = factor_bytes(m, n, rank, scale_bytes) if rank else 0
     bits = bits if bits is not None else config.bits_for(spec.name)
-    if bits is None:
-        return lowrank
-    group = config.group_size or n
-    return m * n * bits // 8 + m * (n // group) * 3 + lowrank
+    shape = LayerShape(spec.out_features, spec.in_features, rank, bits, config.group_size if bits is not None else None)
+    return layer_nbytes(shape, scale_bytes) if bits is not None or rank else 0
 
 
 def _decide_rank(spec: LinearSpec, requested: int, dense_element_bytes: int, config: SVDQuantConfig) -> LayerDecision:

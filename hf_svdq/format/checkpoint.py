@@ -14,7 +14,7 @@ from . import layout as fmt
 TensorHeaders = dict[str, tuple[tuple[int, ...], str]]
 """``{tensor name: (shape, safetensors dtype such as "I8" or "F32")}``."""
 
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+FLOAT_DTYPES = fmt.SAFETENSORS_DTYPES[fmt.FLOAT]
 
 
 def read_headers(files: Iterable[str | os.PathLike[str]]) -> TensorHeaders:
@@ -68,28 +68,8 @@ def expected_tensors(
 ) -> dict[str, tuple[tuple[int, ...], Sequence[str]]]:
     """``{tensor name: (shape, allowed dtypes)}`` of one compressed layer (bias not included), in the
     low-rank layout, or the residual layout when ``bits`` is given."""
-    if bits is None:
-        return {
-            f"{name}.{fmt.LEFT}": ((out_features, rank), ("I8",)),
-            f"{name}.{fmt.LEFT_SCALE}": ((out_features,), FLOAT_DTYPES),
-            f"{name}.{fmt.RIGHT}": ((rank, in_features), ("I8",)),
-            f"{name}.{fmt.RIGHT_SCALE}": ((rank,), FLOAT_DTYPES),
-        }
-    group = group_size or in_features
-    groups = in_features // group
-    expected: dict[str, tuple[tuple[int, ...], Sequence[str]]] = {
-        f"{name}.{fmt.CODES}": ((out_features, groups, group * bits // 8), ("U8",)),
-        f"{name}.{fmt.GROUP_SCALE}": ((out_features, groups), ("F16",)),
-        f"{name}.{fmt.GROUP_ZERO}": ((out_features, groups), ("U8",)),
-    }
-    if rank:
-        expected.update({
-            f"{name}.{fmt.CORR_LEFT}": ((out_features, rank), ("I8",)),
-            f"{name}.{fmt.CORR_LEFT_SCALE}": ((out_features,), FLOAT_DTYPES),
-            f"{name}.{fmt.RIGHT}": ((rank, in_features), ("I8",)),
-            f"{name}.{fmt.RIGHT_SCALE}": ((rank,), FLOAT_DTYPES),
-        })
-    return expected
+    shape = fmt.LayerShape(out_features, in_features, rank, bits, group_size)
+    return {f"{name}.{t.name}": (t.shape(shape), fmt.SAFETENSORS_DTYPES[t.dtype]) for t in fmt.layer_tensors(shape)}
 
 
 def check_layer(

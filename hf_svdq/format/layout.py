@@ -1,36 +1,11 @@
 """The hf_svdq on-disk format: one named contract for tensor names, versions and metadata.
 
-A compressed ``Linear`` (or GPT-2 ``Conv1D``) called ``<m>`` with output size ``out``, input size
-``in`` and rank ``r`` is stored as four tensors (plus its ``<m>.bias`` when it has one):
-
-=========================  =============  ==========  =========================================
-name                       shape          dtype       meaning
-=========================  =============  ==========  =========================================
-``<m>.weight``             ``[out, r]``   int8        left factor ``U sqrt(S)``, per-row symmetric
-``<m>.weight_scale``       ``[out]``      float       one scale per row of the left factor
-``<m>.weight_vh``          ``[r, in]``    int8        right factor ``sqrt(S) Vh``, per-row symmetric
-``<m>.weight_vh_scale``    ``[r]``        float       one scale per row of the right factor
-=========================  =============  ==========  =========================================
-
-The dense weight is ``(weight * weight_scale[:, None]) @ (weight_vh * weight_vh_scale[:, None])``,
-in ``nn.Linear`` layout ``[out, in]`` also for ``Conv1D`` sources.
-
-**Residual layout** (``residual_bits`` set): ``W ~ Q + L R`` with ``Q`` group-quantized:
-
-=========================  ===========================  ========  ==================================
-``<m>.weight``             ``[out, in/g, g*bits/8]``    uint8     codes, INT4 packed two per byte
-``<m>.weight_scale``       ``[out, in/g]``              float16   one scale per group
-``<m>.weight_zero``        ``[out, in/g]``              uint8     one integer zero point per group
-``<m>.weight_u``           ``[out, r]``                 int8      left factor of the correction
-``<m>.weight_u_scale``     ``[out]``                    float     per-row scale
-``<m>.weight_vh``          ``[r, in]``                  int8      right factor of the correction
-``<m>.weight_vh_scale``    ``[r]``                      float     per-row scale
-=========================  ===========================  ========  ==================================
-
-``Q = (codes - zero) * scale`` per group of ``g`` input columns; the four ``weight_u*``/``weight_vh*``
-tensors are absent when ``r = 0``. ``bits`` is ``residual_bits`` of ``config.json``'s
-``quantization_config``, or the layer's entry in its ``layer_bits`` (mixed-precision budgets); the
-loader checks every layer's code tensor against the width its config names. The 3-D code tensor cannot match a dense ``[out, in]`` weight.
+A compressed ``Linear`` (or GPT-2 ``Conv1D``) called ``<m>`` stores the tensors :data:`LOW_RANK_TENSORS`
+declares (low-rank layout) or :data:`BASE_TENSORS` + :data:`CORRECTION_TENSORS` (residual layout, the
+correction only when ``r > 0``), plus ``<m>.bias`` when it has one. Shapes are functions of the layer's
+:class:`LayerShape`; the modules register their tensors from these declarations, the loader checks the
+headers against them, byte counts and the README's table derive from them. Factors are in ``nn.Linear``
+layout ``[out, in]`` also for ``Conv1D`` sources.
 
 The left factor is deliberately stored under the dense name ``weight``: its shape ``[out, r]``
 never equals the dense ``[out, in]`` (a layer is only compressed when ``r < in``), so a
@@ -43,6 +18,10 @@ a second key would change the header's byte order from save to save).
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 QUANT_METHOD = "svdq"
 """``quant_method`` written into ``config.json``."""
@@ -69,3 +48,85 @@ CORRECTION_NAMES: tuple[str, ...] = (CORR_LEFT, CORR_LEFT_SCALE, RIGHT, RIGHT_SC
 
 INT8_MAX = 127
 """Symmetric INT8 range is ``[-127, 127]``; ``-128`` is never produced."""
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """The dimensions a compressed layer's tensors follow: ``bits`` is ``None`` in the low-rank layout,
+    the base width in the residual layout (``group_size`` ``None`` = one group per row)."""
+
+    out_features: int
+    in_features: int
+    rank: int
+    bits: int | None = None
+    group_size: int | None = None
+
+    @property
+    def groups(self) -> int:
+        return self.in_features // (self.group_size or self.in_features)
+
+    @property
+    def group(self) -> int:
+        return self.group_size or self.in_features
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One stored tensor of a layer type: its name, dtype (``"float"``: the model's float dtype), shape."""
+
+    name: str
+    dtype: str
+    shape: Callable[[LayerShape], tuple[int, ...]]
+    shape_doc: str
+    meaning: str
+
+
+FLOAT = "float"
+"""The dtype of per-row scales and bias: the float dtype the model was compressed in."""
+DTYPE_BYTES = {"int8": 1, "uint8": 1, "float16": 2}
+SAFETENSORS_DTYPES = {"int8": ("I8",), "uint8": ("U8",), "float16": ("F16",), FLOAT: ("F64", "F32", "F16", "BF16")}
+
+LOW_RANK_TENSORS: tuple[TensorSpec, ...] = (
+    TensorSpec(LEFT, "int8", lambda s: (s.out_features, s.rank), "[out, r]", "left factor U sqrt(S), per-row symmetric"),
+    TensorSpec(LEFT_SCALE, FLOAT, lambda s: (s.out_features,), "[out]", "scale of each row of the left factor"),
+    TensorSpec(RIGHT, "int8", lambda s: (s.rank, s.in_features), "[r, in]", "right factor sqrt(S) Vh, per-row symmetric"),
+    TensorSpec(RIGHT_SCALE, FLOAT, lambda s: (s.rank,), "[r]", "scale of each row of the right factor"),
+)
+"""The low-rank layout: ``W ~ (weight * weight_scale) @ (weight_vh * weight_vh_scale)``."""
+
+BASE_TENSORS: tuple[TensorSpec, ...] = (
+    TensorSpec(CODES, "uint8", lambda s: (s.out_features, s.groups, s.group * (s.bits or 8) // 8), "[out, in/g, g*bits/8]",
+               "codes, INT4 packed two per byte"),
+    TensorSpec(GROUP_SCALE, "float16", lambda s: (s.out_features, s.groups), "[out, in/g]", "one scale per group"),
+    TensorSpec(GROUP_ZERO, "uint8", lambda s: (s.out_features, s.groups), "[out, in/g]", "one integer zero point per group"),
+)
+CORRECTION_TENSORS: tuple[TensorSpec, ...] = (
+    TensorSpec(CORR_LEFT, "int8", lambda s: (s.out_features, s.rank), "[out, r]", "left factor of the correction (r > 0)"),
+    TensorSpec(CORR_LEFT_SCALE, FLOAT, lambda s: (s.out_features,), "[out]", "scale of each row of it"),
+    TensorSpec(RIGHT, "int8", lambda s: (s.rank, s.in_features), "[r, in]", "right factor of the correction (r > 0)"),
+    TensorSpec(RIGHT_SCALE, FLOAT, lambda s: (s.rank,), "[r]", "scale of each row of it"),
+)
+"""The residual layout: ``W ~ (codes - zero) * scale + (weight_u * weight_u_scale) @ (weight_vh * weight_vh_scale)``;
+the correction tensors are absent when ``r = 0``."""
+
+
+def layer_tensors(shape: LayerShape) -> tuple[TensorSpec, ...]:
+    """The tensors one compressed layer stores (bias not included), in the order they are written."""
+    if shape.bits is None:
+        return LOW_RANK_TENSORS
+    return BASE_TENSORS + (CORRECTION_TENSORS if shape.rank else ())
+
+
+def layer_nbytes(shape: LayerShape, float_bytes: int) -> int:
+    """Stored bytes of one compressed layer (bias excluded); ``float_bytes``: the size of the model's float dtype."""
+    return sum(math.prod(t.shape(shape)) * DTYPE_BYTES.get(t.dtype, float_bytes) for t in layer_tensors(shape))
+
+
+def markdown_tables() -> str:
+    """The README's tables of both layouts, rendered from the declarations above."""
+    def table(title: str, specs: tuple[TensorSpec, ...]) -> str:
+        rows = "\n".join(f"| `<m>.{t.name}` | `{t.shape_doc}` | {t.dtype} | {t.meaning} |" for t in specs)
+        return f"{title}\n\n| tensor | shape | dtype | meaning |\n|---|---|---|---|\n{rows}\n"
+
+    return (table("Low-rank layout (`residual_bits` unset):", LOW_RANK_TENSORS) + "\n"
+            + table("Residual layout (`residual_bits` set; `g` = `group_size`):", BASE_TENSORS + CORRECTION_TENSORS))

@@ -17,6 +17,16 @@ def _frozen(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | s
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
+_TORCH_DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "float16": torch.float16}
+
+
+def declare_tensors(module: nn.Module, shape: fmt.LayerShape, dtype: torch.dtype, device: torch.device | str | None) -> None:
+    """Register ``module``'s empty stored tensors exactly as :mod:`hf_svdq.format.layout` declares them for ``shape``
+    (``"float"`` tensors in ``dtype``)."""
+    for spec in fmt.layer_tensors(shape):
+        module.register_parameter(spec.name, _frozen(spec.shape(shape), _TORCH_DTYPES.get(spec.dtype, dtype), device))
+
+
 class SVDQLinear(nn.Module):
     """``y = x (L R)^T + b`` with INT8 factors ``L`` [out, rank], ``R`` [rank, in] and per-row scales.
 
@@ -25,6 +35,11 @@ class SVDQLinear(nn.Module):
     that the dense source was a GPT-2 ``Conv1D`` (weight stored ``[in, out]``), so
     :meth:`to_dense_module` gives back the same type.
     """
+
+    weight: nn.Parameter  # the stored tensors: registered by declare_tensors from the format's layout
+    weight_scale: nn.Parameter
+    weight_vh: nn.Parameter
+    weight_vh_scale: nn.Parameter
 
     def __init__(
         self,
@@ -44,10 +59,7 @@ class SVDQLinear(nn.Module):
         self.out_features = out_features
         self.rank = rank
         self.transposed = transposed
-        self.weight = _frozen((out_features, rank), torch.int8, device)
-        self.weight_scale = _frozen((out_features,), dtype, device)
-        self.weight_vh = _frozen((rank, in_features), torch.int8, device)
-        self.weight_vh_scale = _frozen((rank,), dtype, device)
+        declare_tensors(self, fmt.LayerShape(out_features, in_features, rank), dtype, device)
         if bias:
             self.bias: nn.Parameter | None = _frozen((out_features,), dtype, device)
         else:

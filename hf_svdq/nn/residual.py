@@ -9,15 +9,24 @@ from torch import nn
 
 from ..algorithms.groupquant import GroupQuantized, check_group_args, pack_codes
 from ..algorithms.linalg import LowRankInt8
+from ..format.layout import LayerShape
 from ..kernels.ops import residual_linear
 from ..kernels.reference import dequantize_group_codes, dequantize_rows
-from .low_rank import _frozen, dense_module
+from .low_rank import _frozen, declare_tensors, dense_module
 
 
 class SVDQResidualLinear(nn.Module):
     """``y = x (Q + L R)^T + b``: ``Q`` INT4/INT8 codes with per-group fp16 scale and uint8 zero,
     ``L`` [out, rank] and ``R`` [rank, in] INT8 with per-row scales (omitted when ``rank == 0``).
     Parameter names and shapes follow the residual layout of :mod:`hf_svdq.format.layout`."""
+
+    weight: nn.Parameter  # the stored tensors: registered by declare_tensors from the format's layout
+    weight_scale: nn.Parameter
+    weight_zero: nn.Parameter
+    weight_u: nn.Parameter
+    weight_u_scale: nn.Parameter
+    weight_vh: nn.Parameter
+    weight_vh_scale: nn.Parameter
 
     def __init__(
         self,
@@ -38,15 +47,7 @@ class SVDQResidualLinear(nn.Module):
             raise ValueError(f"rank must be in [0, {min(in_features, out_features)}], got {rank}")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.bits, self.group_size, self.transposed = bits, group_size, transposed
-        groups = in_features // group_size
-        self.weight = _frozen((out_features, groups, group_size * bits // 8), torch.uint8, device)
-        self.weight_scale = _frozen((out_features, groups), torch.float16, device)
-        self.weight_zero = _frozen((out_features, groups), torch.uint8, device)
-        if rank:
-            self.weight_u = _frozen((out_features, rank), torch.int8, device)
-            self.weight_u_scale = _frozen((out_features,), dtype, device)
-            self.weight_vh = _frozen((rank, in_features), torch.int8, device)
-            self.weight_vh_scale = _frozen((rank,), dtype, device)
+        declare_tensors(self, LayerShape(out_features, in_features, rank, bits, group_size), dtype, device)
         if bias:
             self.bias: nn.Parameter | None = _frozen((out_features,), dtype, device)
         else:
