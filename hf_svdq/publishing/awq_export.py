@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..algorithms.groupquant import unpack_codes
+from ..algorithms.groupquant import dequantize_groups, unpack_codes
 from ..format import layout as fmt
 from ..format.checkpoint import safetensors_files
 from ..integration.config import SVDQuantConfig
@@ -223,8 +223,7 @@ def _write_layer(layer: str, get: Any, qconfig: SVDQuantConfig, as_awq: bool, ta
         for key, value in pack_awq(codes, zero, scale).items():
             tensors[f"{layer}.{key}"] = value
     else:
-        width = codes.shape[1] // scale.shape[1]
-        weight = (codes.float() - zero.float().repeat_interleave(width, 1)) * scale.float().repeat_interleave(width, 1)
+        weight = dequantize_groups(codes, scale, zero, codes.shape[1] // scale.shape[1], torch.float32)  # exact
         tensors[f"{layer}.weight"] = weight.to(target)
         note(f"INT{bits} layers written dense", tensors[f"{layer}.weight"], weight)
     try:

@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from ..algorithms.groupquant import unpack_codes
+from ..algorithms.groupquant import dequantize_groups, unpack_codes
 from ..format import layout as fmt
 from ..format.checkpoint import safetensors_files
 from ..integration.config import SVDQuantConfig
@@ -257,8 +257,7 @@ def _write_layer(base: Any, lora: Any, owner: dict[str, Any], layer: str, qconfi
         result.tensors[gguf_name] = "Q4_1"
         result.max_offset_error[kind] = max(result.max_offset_error.get(kind, 0.0), error)
     else:
-        values = unpack_codes(codes, 8).float() - zero.float().repeat_interleave(codes.shape[2], dim=1)
-        weight = values * scale.float().repeat_interleave(codes.shape[2], dim=1)
+        weight = dequantize_groups(unpack_codes(codes, 8), scale, zero, codes.shape[2], torch.float32)  # exact
         base.add_tensor(gguf_name, arrange(weight).numpy())
         result.tensors[gguf_name] = "F32"
     if f"{layer}.{fmt.CORR_LEFT}" not in owner:
