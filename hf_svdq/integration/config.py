@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -102,79 +102,44 @@ class SVDQuantConfig(QuantizationConfigMixin):
     ) -> None:
         if kwargs:
             raise ValueError(f"SVDQuantConfig got unknown key(s) {sorted(kwargs)}")
-        if quant_method != QUANT_METHOD:
-            raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
+        _require(quant_method == QUANT_METHOD, f"quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
         self.quant_method = QUANT_METHOD  # type: ignore[assignment]  # (transformers types it as its own enum)
-        if isinstance(format_version, bool) or not isinstance(format_version, int) or format_version < 1:
-            raise ValueError(f"format_version must be a positive int, got {format_version!r}")
-        if format_version > FORMAT_VERSION:
-            raise ValueError(
-                f"format_version {format_version} is newer than this hf_svdq understands ({FORMAT_VERSION}); "
-                "upgrade hf_svdq to load this checkpoint"
-            )
-        self.format_version = format_version
+        self.format_version = _format_version(format_version)
+        _require(residual_bits is None or _is_bits(residual_bits),
+                 f"residual_bits must be one of {SUPPORTED_BITS} or None, got {residual_bits!r}")
         self.residual_bits = residual_bits
-        if residual_bits is not None and not _is_bits(residual_bits):
-            raise ValueError(f"residual_bits must be one of {SUPPORTED_BITS} or None, got {residual_bits!r}")
         self.rank = self._validate_rank(rank, allow_zero=residual_bits is not None)
-        if skip is None:
-            skip = []
-        if isinstance(skip, str) or not isinstance(skip, Sequence):
-            raise ValueError(f"skip must be a list of patterns, got {skip!r}")  # noqa: TRY004 (config errors are ValueError)
-        compile_patterns(skip, "skip")
-        self.skip = list(skip)
+        self.skip = _skip(skip)
         self.ranks = self._validate_ranks(ranks)
         self.dense = self._validate_dense(dense)
-        self.energy = energy
-        if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1):
-            raise ValueError(f"energy must be a number in (0, 1], got {energy!r}")
-        self.target_bits_per_weight = target_bits_per_weight
-        if target_bits_per_weight is not None and (
-            isinstance(target_bits_per_weight, bool) or not isinstance(target_bits_per_weight, (int, float))
-            or not math.isfinite(target_bits_per_weight) or target_bits_per_weight <= 0
-        ):
-            raise ValueError(f"target_bits_per_weight must be a positive finite number, got {target_bits_per_weight!r}")
-        self.target_param_ratio = target_param_ratio
-        if target_param_ratio is not None and (
-            isinstance(target_param_ratio, bool) or not isinstance(target_param_ratio, (int, float)) or not 0 < target_param_ratio < 1
-        ):
-            raise ValueError(f"target_param_ratio must be in (0, 1) (the share of parameters kept), got {target_param_ratio!r}")
-        if isinstance(rank_floor, bool) or not isinstance(rank_floor, int) or rank_floor < 0:
-            raise ValueError(f"rank_floor must be a non-negative int, got {rank_floor!r}")
+        self.energy = _optional(energy, lambda v: _is_number(v) and 0 < v <= 1, "energy must be a number in (0, 1]")
+        self.target_bits_per_weight = _optional(target_bits_per_weight, lambda v: _is_number(v) and math.isfinite(v) and v > 0,
+                                                "target_bits_per_weight must be a positive finite number")
+        self.target_param_ratio = _optional(target_param_ratio, lambda v: _is_number(v) and 0 < v < 1,
+                                            "target_param_ratio must be in (0, 1) (the share of parameters kept)")
+        _require(_is_int(rank_floor) and rank_floor >= 0, f"rank_floor must be a non-negative int, got {rank_floor!r}")
         self.rank_floor = rank_floor
-        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0):
-            raise ValueError(f"group_size must be a positive int or None (one group per row), got {group_size!r}")
-        if residual_bits == 4 and group_size is not None and group_size % 2:
-            raise ValueError(f"group_size must be even with residual_bits=4 (two codes per byte), got {group_size!r}")
-        self.group_size = group_size
-        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < 1:
-            raise ValueError(f"damp must be in [0, 1), got {damp!r}")
+        self.group_size = _group_size(group_size, residual_bits)
+        _require(_is_number(damp) and 0 <= damp < 1, f"damp must be in [0, 1), got {damp!r}")
         self.damp = float(damp)
         self.calibration = CalibrationConfig.coerce(calibration)
-        if residual_method not in (None, "rtn", "mse", "gptq"):
-            raise ValueError(f"residual_method must be 'rtn', 'mse', 'gptq' or None, got {residual_method!r}")
-        if residual_method == "gptq" and self.calibration is None:
-            raise ValueError("residual_method 'gptq' needs calibration data (calibration=...)")
-        if residual_method is None and residual_bits is not None:
-            residual_method = "gptq" if self.calibration is not None else "rtn"
-        self.residual_method = residual_method
-        if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
-            raise ValueError(f"refine_steps must be a non-negative int, got {refine_steps!r}")
-        if refine_steps and residual_bits is None:
-            raise ValueError("refine_steps applies to residual mode (residual_bits=4|8)")
+        self.residual_method = _residual_method(residual_method, residual_bits, self.calibration is not None)
+        _require(_is_int(refine_steps) and refine_steps >= 0, f"refine_steps must be a non-negative int, got {refine_steps!r}")
+        _require(not refine_steps or residual_bits is not None, "refine_steps applies to residual mode (residual_bits=4|8)")
         self.refine_steps = refine_steps
         self.bit_choices = self._validate_bit_choices(bit_choices, residual_bits, target_bits_per_weight)
         self.prediction: dict[str, Any] | None = None  # set by a mixed budget at compression; not saved
         self.layer_bits = self._validate_layer_bits(layer_bits, residual_bits)
-        if not isinstance(int8_head, bool):
-            raise ValueError(f"int8_head must be True or False, got {int8_head!r}")  # noqa: TRY004 (config errors are ValueError)
+        _require(isinstance(int8_head, bool), f"int8_head must be True or False, got {int8_head!r}")
         self.int8_head = int8_head
+        self._check_rank_policy()
+
+    def _check_rank_policy(self) -> None:
+        """Exactly one rank policy (or resolved ``ranks``), and one that fits the mode."""
         policies = [n for n in ("rank", "energy", "target_bits_per_weight", "target_param_ratio") if getattr(self, n) is not None]
         if len(policies) > 1:
             raise ValueError(f"give one rank policy, got {policies}")
-        if target_bits_per_weight is not None and target_param_ratio is not None:
-            raise ValueError("give target_bits_per_weight or target_param_ratio, not both")
-        if target_param_ratio is not None and residual_bits is not None:
+        if self.target_param_ratio is not None and self.residual_bits is not None:
             raise ValueError("target_param_ratio applies to pure low rank; with residual_bits use target_bits_per_weight")
         if not policies and self.ranks is None:
             raise ValueError(
@@ -363,3 +328,54 @@ class SVDQuantConfig(QuantizationConfigMixin):
             "int8_head": self.int8_head,
         }
 
+
+def _require(ok: bool, message: str) -> None:
+    """Config errors are ``ValueError`` naming the field (a wrong type included: it is a wrong value here)."""
+    if not ok:
+        raise ValueError(message)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _optional(value: Any, valid: Callable[[Any], bool], message: str) -> Any:
+    """``value`` when it is ``None`` or ``valid``; ``ValueError("<message>, got <value>")`` otherwise."""
+    _require(value is None or valid(value), f"{message}, got {value!r}")
+    return value
+
+
+def _format_version(version: object) -> int:
+    _require(_is_int(version) and version >= 1, f"format_version must be a positive int, got {version!r}")  # type: ignore[operator]
+    assert isinstance(version, int)
+    if version > FORMAT_VERSION:
+        raise ValueError(f"format_version {version} is newer than this hf_svdq understands ({FORMAT_VERSION}); "
+                         "upgrade hf_svdq to load this checkpoint")
+    return version
+
+
+def _skip(skip: object) -> list[str]:
+    skip = [] if skip is None else skip
+    _require(not isinstance(skip, str) and isinstance(skip, Sequence), f"skip must be a list of patterns, got {skip!r}")
+    compile_patterns(skip, "skip")  # type: ignore[arg-type]
+    return list(skip)  # type: ignore[call-overload]
+
+
+def _group_size(group_size: object, residual_bits: int | None) -> int | None:
+    _require(group_size is None or (_is_int(group_size) and group_size > 0),  # type: ignore[operator]
+             f"group_size must be a positive int or None (one group per row), got {group_size!r}")
+    _require(not (residual_bits == 4 and group_size is not None and group_size % 2),  # type: ignore[operator]
+             f"group_size must be even with residual_bits=4 (two codes per byte), got {group_size!r}")
+    return group_size  # type: ignore[return-value]
+
+
+def _residual_method(method: object, residual_bits: int | None, calibrated: bool) -> str | None:
+    _require(method in (None, "rtn", "mse", "gptq"), f"residual_method must be 'rtn', 'mse', 'gptq' or None, got {method!r}")
+    _require(method != "gptq" or calibrated, "residual_method 'gptq' needs calibration data (calibration=...)")
+    if method is None and residual_bits is not None:
+        return "gptq" if calibrated else "rtn"
+    return method  # type: ignore[return-value]
