@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ..evaluation.check import DEFAULT_PROMPT
 from ..real_model import SMOLLM2_ALIAS
@@ -100,19 +101,17 @@ def _local_folder(model: str) -> Path:
     return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.md"]))
 
 
-def cmd_compress(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _compress_config(args: argparse.Namespace) -> Any:
+    """The ``SVDQuantConfig`` the compress arguments ask for (the recommended mode without a rank policy)."""
     from ..calibration.source import CalibrationConfig
-    from ..format.inspect import checkpoint_report, format_report
-    from ..format.output_folder import atomic_folder, check_output_folder
     from ..integration.config import SVDQuantConfig
-    from ..real_model import resolve_model_id
 
     recommended = all(getattr(args, k) is None for k in ("rank", "rank_map", "energy", "target_bpw", "target_param_ratio", "policy"))
     calibration = None
     if args.calibration is not None or recommended:
         calibration = CalibrationConfig.coerce_source(args.calibration or "default", args.calib_samples, args.calib_seq_len)
+    if args.heal_steps and calibration is None:
+        raise ValueError("--heal-steps needs calibration text (--calibration FILE or a dataset name)")
     if recommended:
         if args.residual_bits is not None or args.residual_method is not None or args.bit_choices is not None:
             raise ValueError("the recommended mode (no rank policy given) fixes --residual-bits/--residual-method/--bit-choices; "
@@ -120,27 +119,64 @@ def cmd_compress(args: argparse.Namespace) -> int:
         config = SVDQuantConfig.recommended(calibration=calibration, group_size=args.group_size, skip=args.skip,
                                             int8_head=args.int8_head)
         print(f"recommended mode: {config.describe()} (give --rank/--target-bpw/... for another)", file=sys.stderr)
-    elif args.policy is not None:
+        return config
+    if args.policy is not None:
         if args.skip:
             raise ValueError("--skip cannot be combined with --policy: the policy lists the layers kept dense")
         config = SVDQuantConfig.from_policy(args.policy, calibration)
         config.int8_head = args.int8_head
-    else:
-        config = SVDQuantConfig(
-            rank=args.rank if args.rank is not None else args.rank_map,
-            skip=args.skip,
-            energy=args.energy,
-            target_bits_per_weight=args.target_bpw,
-            target_param_ratio=args.target_param_ratio,
-            residual_bits=args.residual_bits,
-            group_size=args.group_size,
-            residual_method=args.residual_method,
-            calibration=calibration,
-            int8_head=args.int8_head,
-            bit_choices=args.bit_choices,
-        )
-    if args.heal_steps and calibration is None:
-        raise ValueError("--heal-steps needs calibration text (--calibration FILE or a dataset name)")
+        return config
+    return SVDQuantConfig(
+        rank=args.rank if args.rank is not None else args.rank_map, skip=args.skip, energy=args.energy,
+        target_bits_per_weight=args.target_bpw, target_param_ratio=args.target_param_ratio,
+        residual_bits=args.residual_bits, group_size=args.group_size, residual_method=args.residual_method,
+        calibration=calibration, int8_head=args.int8_head, bit_choices=args.bit_choices,
+    )
+
+
+def _save_compressed(args: argparse.Namespace, model: Any, tokenizer: Any, source: str) -> None:
+    """Weights, tokenizer and card into ``args.outdir``, atomically."""
+    from ..format.output_folder import atomic_folder
+    from ..publishing.hub import base_model_of
+    from ..publishing.model_card import write_model_card
+
+    with atomic_folder(args.outdir, overwrite=args.overwrite) as folder:
+        model.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        try:
+            write_model_card(folder, args.outdir.name, base_model=base_model_of(source))
+        except ValueError as err:  # e.g. every layer stayed dense: no card to write
+            print(f"note: no model card written ({err})", file=sys.stderr)
+
+
+def _check_compressed(args: argparse.Namespace, model: Any, tokenizer: Any, source: str) -> Any:
+    """The after-compress check against the dense model (None when skipped)."""
+    from transformers import AutoModelForCausalLM
+
+    if args.no_check:
+        return None
+    if tokenizer is None:
+        print("note: no check (the model has no tokenizer)", file=sys.stderr)
+        return None
+    from ..evaluation.check import quick_check
+
+    dense = AutoModelForCausalLM.from_pretrained(source, dtype=_torch_dtype(args.dtype))
+    try:
+        return quick_check(model, dense, tokenizer, args.prompt, args.max_new_tokens)
+    except ValueError as err:  # e.g. a tokenizer that cannot encode the held-out text: the checkpoint still stands
+        print(f"note: check skipped ({err})", file=sys.stderr)
+        return None
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..format.inspect import checkpoint_report, format_report
+    from ..format.output_folder import check_output_folder
+    from ..real_model import resolve_model_id
+
+    config = _compress_config(args)
     source = resolve_model_id(args.model)
     check_output_folder(args.outdir, [source], overwrite=args.overwrite)  # before any work
     start = time.perf_counter()
@@ -159,30 +195,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         print(f"healing: {healed.steps} steps on {healed.tokens} tokens, KL to dense {healed.kl_before:.4f} -> "
               f"{healed.kl_after:.4f} ({healed.seconds:.0f} s)", file=sys.stderr)
         del teacher
-    from ..publishing.hub import base_model_of
-    from ..publishing.model_card import write_model_card
-
-    with atomic_folder(args.outdir, overwrite=args.overwrite) as folder:
-        model.save_pretrained(folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        try:
-            write_model_card(folder, args.outdir.name, base_model=base_model_of(source))
-        except ValueError as err:  # e.g. every layer stayed dense: no card to write
-            print(f"note: no model card written ({err})", file=sys.stderr)
+    _save_compressed(args, model, tokenizer, source)
     report = checkpoint_report(args.outdir)
-    check = None
-    if not args.no_check and tokenizer is None:
-        print("note: no check (the model has no tokenizer)", file=sys.stderr)
-    elif not args.no_check:
-        from ..evaluation.check import quick_check
-
-        dense = AutoModelForCausalLM.from_pretrained(source, dtype=_torch_dtype(args.dtype))
-        try:
-            check = quick_check(model, dense, tokenizer, args.prompt, args.max_new_tokens)
-        except ValueError as err:  # e.g. a tokenizer that cannot encode the held-out text: the checkpoint still stands
-            print(f"note: check skipped ({err})", file=sys.stderr)
-        del dense
+    check = _check_compressed(args, model, tokenizer, source)
     if args.json:
         result = {"load_and_compress_seconds": seconds, **report.to_dict()}
         print(json.dumps({**result, "check": None if check is None else check.to_dict()}, indent=2))

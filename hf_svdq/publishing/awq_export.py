@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,23 +157,8 @@ def export_awq_lora(checkpoint: str | Path, out_dir: str | Path, *, dtype: str =
 
     compressed = set(qconfig.ranks or {})
     linears = _dense_linears(config)
-    not_linear = sorted(compressed - set(linears))
-    if not_linear:
-        raise ValueError(f"{not_linear[0]} is not an nn.Linear in {config.get('model_type')!r} (GPT-2's Conv1D?): "
-                         "AWQ checkpoints hold nn.Linear layers; the GGUF export or our own format can hold it")
-    int4 = {n for n in compressed if qconfig.bits_for(n) == 4}
     result = AWQExport(out, None)
-    for name in sorted(int4):
-        blockers = [p for p in _fused_partners(name) if p in linears and p not in int4]
-        if blockers:
-            result.dense_layers[name] = f"vLLM fuses it with {blockers[0]}, which is not INT4"
-        elif get(f"{name}.{fmt.CODES}").shape[0] % 8:
-            result.dense_layers[name] = "output width is not a multiple of 8"
-        else:
-            result.awq_layers.append(name)
-    for name in linears:
-        if name not in result.awq_layers and name not in result.dense_layers:
-            result.dense_layers[name] = f"INT{qconfig.bits_for(name)} base" if name in compressed else "dense in the checkpoint"
+    _assign_layers(result, compressed, linears, qconfig, lambda name: get(name).shape, config.get("model_type"))
 
     tensors: dict[str, torch.Tensor] = {}
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -210,6 +195,27 @@ def export_awq_lora(checkpoint: str | Path, out_dir: str | Path, *, dtype: str =
         result.lora_rank = _write_adapter(out / ADAPTER_DIR, lora, target)
         result.adapter = out / ADAPTER_DIR
     return result
+
+
+def _assign_layers(result: AWQExport, compressed: set[str], linears: list[str], qconfig: SVDQuantConfig,
+                   shape_of: Callable[[str], Any], model_type: object) -> None:
+    """Which layers AWQ holds as INT4 (``result.awq_layers``) and which are written dense, and why."""
+    not_linear = sorted(compressed - set(linears))
+    if not_linear:
+        raise ValueError(f"{not_linear[0]} is not an nn.Linear in {model_type!r} (GPT-2's Conv1D?): "
+                         "AWQ checkpoints hold nn.Linear layers; the GGUF export or our own format can hold it")
+    int4 = {n for n in compressed if qconfig.bits_for(n) == 4}
+    for name in sorted(int4):
+        blockers = [p for p in _fused_partners(name) if p in linears and p not in int4]
+        if blockers:
+            result.dense_layers[name] = f"vLLM fuses it with {blockers[0]}, which is not INT4"
+        elif shape_of(f"{name}.{fmt.CODES}")[0] % 8:
+            result.dense_layers[name] = "output width is not a multiple of 8"
+        else:
+            result.awq_layers.append(name)
+    for name in linears:
+        if name not in result.awq_layers and name not in result.dense_layers:
+            result.dense_layers[name] = f"INT{qconfig.bits_for(name)} base" if name in compressed else "dense in the checkpoint"
 
 
 def _write_layer(layer: str, get: Any, qconfig: SVDQuantConfig, as_awq: bool, target: torch.dtype,
