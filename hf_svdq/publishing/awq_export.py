@@ -140,14 +140,7 @@ def export_awq_lora(checkpoint: str | Path, out_dir: str | Path, *, dtype: str =
     target = DTYPES[dtype]
     folder, out = Path(checkpoint), Path(out_dir)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    qconfig = SVDQuantConfig.from_dict(config.get("quantization_config") or {})
-    if qconfig.residual_bits is None:
-        raise ValueError("pure low-rank checkpoints have no quantized base for AWQ to hold; export a residual-mode "
-                         "(residual_bits=4) checkpoint, whose base is AWQ's layout and whose correction is a LoRA adapter")
-    group = qconfig.group_size
-    if group not in AWQ_GROUP_SIZES:
-        raise ValueError(f"group_size {group} is not one vLLM's AWQ kernels run {AWQ_GROUP_SIZES}; "
-                         "compress with one of those (the GGUF export takes any multiple of 32)")
+    qconfig = _awq_compatible(config)
     files = safetensors_files(folder)
     handles = [safe_open(str(f), framework="pt") for f in files]
     owner = {k: h for h in handles for k in h.keys()}  # noqa: SIM118
@@ -180,11 +173,7 @@ def export_awq_lora(checkpoint: str | Path, out_dir: str | Path, *, dtype: str =
 
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    awq_config = {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group, "zero_point": True,
-                  "modules_to_not_convert": not_converted(result.dense_layers)}
-    exported = {k: v for k, v in config.items() if k not in ("quantization_config", "torch_dtype")}
-    exported.update(dtype=dtype, quantization_config=awq_config)
-    (out / "config.json").write_text(json.dumps(exported, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    _write_config(out, config, dtype, qconfig.group_size, result.dense_layers)
     for extra in EXTRA_FILES:
         if (folder / extra).is_file():
             shutil.copyfile(folder / extra, out / extra)
@@ -195,6 +184,27 @@ def export_awq_lora(checkpoint: str | Path, out_dir: str | Path, *, dtype: str =
         result.lora_rank = _write_adapter(out / ADAPTER_DIR, lora, target)
         result.adapter = out / ADAPTER_DIR
     return result
+
+
+def _awq_compatible(config: dict[str, Any]) -> SVDQuantConfig:
+    """The checkpoint's config, if AWQ can hold its mode; ValueError naming what does not map otherwise."""
+    qconfig = SVDQuantConfig.from_dict(config.get("quantization_config") or {})
+    if qconfig.residual_bits is None:
+        raise ValueError("pure low-rank checkpoints have no quantized base for AWQ to hold; export a residual-mode "
+                         "(residual_bits=4) checkpoint, whose base is AWQ's layout and whose correction is a LoRA adapter")
+    if qconfig.group_size not in AWQ_GROUP_SIZES:
+        raise ValueError(f"group_size {qconfig.group_size} is not one vLLM's AWQ kernels run {AWQ_GROUP_SIZES}; "
+                         "compress with one of those (the GGUF export takes any multiple of 32)")
+    return qconfig
+
+
+def _write_config(out: Path, config: dict[str, Any], dtype: str, group: int | None, dense: dict[str, str]) -> None:
+    """The source ``config.json`` with AWQ's ``quantization_config`` in place of ours."""
+    awq_config = {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group, "zero_point": True,
+                  "modules_to_not_convert": not_converted(dense)}
+    exported = {k: v for k, v in config.items() if k not in ("quantization_config", "torch_dtype")}
+    exported.update(dtype=dtype, quantization_config=awq_config)
+    (out / "config.json").write_text(json.dumps(exported, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _assign_layers(result: AWQExport, compressed: set[str], linears: list[str], qconfig: SVDQuantConfig,

@@ -161,6 +161,32 @@ def _layer_tensors(handle: Any, name: str) -> Iterator[str]:
     yield from (k for k in handle.keys() if k.startswith(name + "."))  # noqa: SIM118
 
 
+def _gguf_compatible(config: dict[str, Any]) -> tuple[SVDQuantConfig, str]:
+    """The checkpoint's config and architecture, if GGUF can hold them; ValueError naming what does not map."""
+    qconfig = SVDQuantConfig.from_dict(config.get("quantization_config") or {})
+    arch = config.get("model_type")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"GGUF export supports model_type {sorted(ARCHITECTURES)} (SmolLM2, Llama, Qwen2); got {arch!r}")
+    if qconfig.residual_bits is None:
+        raise ValueError("pure low-rank checkpoints have no quantized base for GGUF to hold; export a residual-mode "
+                         "(residual_bits=4) checkpoint, whose base maps onto Q4_1 and whose correction onto a LoRA adapter")
+    return qconfig, str(arch)
+
+
+def _writers(base_path: Path, lora_path: Path, arch: str) -> tuple[Any, Any]:
+    """The base model writer (Q4_1 file type) and the LoRA adapter writer (alpha 0: scale 1 for every rank)."""
+    import gguf
+
+    base = gguf.GGUFWriter(str(base_path), arch)
+    base.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
+    base.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    lora = gguf.GGUFWriter(str(lora_path), arch)
+    lora.add_type(gguf.GGUFType.ADAPTER)
+    lora.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    lora.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)  # scale = --lora scale for every rank
+    return base, lora
+
+
 def export_gguf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | Path | None = None,
                 progress: bool = True) -> GGUFExport:
     """Write ``model.gguf`` (and ``lora.gguf`` when any layer has a correction) for llama.cpp into ``out_dir``;
@@ -176,30 +202,18 @@ def export_gguf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str |
 
     folder = Path(checkpoint)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    qconfig = SVDQuantConfig.from_dict(config.get("quantization_config") or {})
-    arch = config.get("model_type")
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"GGUF export supports model_type {sorted(ARCHITECTURES)} (SmolLM2, Llama, Qwen2); got {arch!r}")
-    if qconfig.residual_bits is None:
-        raise ValueError("pure low-rank checkpoints have no quantized base for GGUF to hold; export a residual-mode "
-                         "(residual_bits=4) checkpoint, whose base maps onto Q4_1 and whose correction onto a LoRA adapter")
+    qconfig, arch = _gguf_compatible(config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    blocks, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads", heads)
-    names = gguf.TensorNameMap(getattr(gguf.MODEL_ARCH, arch.upper()), blocks)
+    names = gguf.TensorNameMap(getattr(gguf.MODEL_ARCH, arch.upper()), config["num_hidden_layers"])
     permute = ARCHITECTURES[arch]
     compressed = set(qconfig.ranks or {})
     result = GGUFExport(out / "model.gguf", None)
-    base = gguf.GGUFWriter(str(result.base), arch)
-    lora = gguf.GGUFWriter(str(out / "lora.gguf"), arch)
-    lora.add_type(gguf.GGUFType.ADAPTER)
-    lora.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    lora.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)  # scale = --lora scale for every rank
+    base, lora = _writers(result.base, out / "lora.gguf", arch)
     _model_metadata(base, config)
     _tokenizer_metadata(base, Path(tokenizer) if tokenizer is not None else folder, config["vocab_size"])
-    base.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
-    base.add_quantization_version(gguf.GGML_QUANT_VERSION)
     files = safetensors_files(folder)
     handles = [safe_open(str(f), framework="pt") for f in files]
     owner = {k: h for h in handles for k in h.keys()}  # noqa: SIM118
