@@ -17,11 +17,11 @@ KL and top-1 on pride, how many layers got 8 bits, and load + compress seconds.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
+from _results import emit  # benchmarks/ is on sys.path when a script runs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_svdq import SVDQuantConfig, smollm2_checkpoint
@@ -84,10 +84,7 @@ def _measure(run, config, path, pride, emma, settings, dense, dense_emma, json_p
            "kl": round(measured["kl"], 4), "top1": round(measured["top1_agreement"], 3),
            "int8_layers": len(model.config.quantization_config.layer_bits or {}), "seconds": round(seconds, 1),
            "predicted_ratio": (model.config.quantization_config.prediction or {}).get("perplexity_ratio")}
-    print(json.dumps(row), flush=True)
-    if json_path:
-        with json_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+    emit(row, json_path)
     del model
 
 

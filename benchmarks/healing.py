@@ -11,10 +11,10 @@ to the default prompts through the loop detector. Prints one JSON line per heali
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
+from _results import emit  # benchmarks/ is on sys.path when a script runs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_svdq import SVDQuantConfig, smollm2_checkpoint
@@ -68,10 +68,7 @@ def main() -> None:
                "kl": round(measured["kl"], 4), "top1": round(measured["top1_agreement"], 3),
                "loops": f"{health['loops']}/{len(DEFAULT_PROMPTS)}", "compress_s": round(compress_seconds, 1),
                "heal_s": round(heal_seconds, 1), "answers": [s["text"][:80] for s in health["samples"][:2]]}
-        print(json.dumps(row), flush=True)
-        if args.json:
-            with args.json.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+        emit(row, args.json)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,13 @@ Prints one JSON line per engine with median tokens/s and the ratio to dense. Nee
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _results import emit  # benchmarks/ is on sys.path when a script runs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_svdq import SVDQuantConfig, smollm2_checkpoint
@@ -88,10 +88,7 @@ def main() -> None:
         row = {"engine": name, "threads": args.threads, "new_tokens": args.new_tokens,
                "tokens_per_s": round(statistics.median(values), 2), "x_dense": round(statistics.median(values) / baseline, 2),
                "runs": [round(v, 2) for v in values]}
-        print(json.dumps(row), flush=True)
-        if args.json:
-            with args.json.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+        emit(row, args.json)
 
 
 if __name__ == "__main__":
