@@ -26,7 +26,7 @@ _LAZY = {
     "export_awq_lora": ".publishing.awq_export",
 }
 
-_REGISTERS = ("SVDQuantConfig", "CalibrationConfig")
+_REGISTERS = ("SVDQuantConfig",)
 
 __all__ = [
     "FORMAT_VERSION",

@@ -29,6 +29,9 @@ def read_headers(files: Iterable[str | os.PathLike[str]]) -> TensorHeaders:
 
 
 SINGLE_FILE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "chat_template.jinja")
+"""The tokenizer files a model folder may hold (carried into exports and pushes)."""
 INDEX_FILE = "model.safetensors.index.json"
 
 

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..algorithms.groupquant import dequantize_groups, unpack_codes
 from ..format import layout as fmt
-from ..format.checkpoint import safetensors_files
+from ..format.checkpoint import TOKENIZER_FILES, safetensors_files
 from ..integration.config import SVDQuantConfig
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -50,8 +50,7 @@ VLLM_FUSED_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_p
                     "up_proj": "gate_up_proj"}
 """vLLM's module that runs each projection fused (Llama, Qwen2, Gemma-3 and most decoder models)."""
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-               "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model")
+EXTRA_FILES = (*TOKENIZER_FILES, "generation_config.json")
 ADAPTER_DIR = "adapter"
 PEFT_PREFIX = "base_model.model."
 """PEFT names an adapter tensor ``base_model.model.<module>.lora_A.weight``."""

@@ -8,10 +8,11 @@ base + a PEFT adapter, :mod:`hf_svdq.publishing.awq_export`). The folder is writ
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
+
+from huggingface_hub.utils.sha import sha_fileobj
 
 from ..format.output_folder import atomic_folder, check_output_folder
 
@@ -23,11 +24,8 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha_fileobj(handle).hex()
 
 
 def resolve_checkpoint(checkpoint: str | Path) -> Path:
@@ -83,8 +81,6 @@ def check_export(folder: str | Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         version, fmt_name, digests = manifest["export_version"], manifest["format"], dict(manifest["sha256"])
-    except FileNotFoundError:
-        raise
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not an hf_svdq export manifest ({err})") from None
     if version != EXPORT_VERSION or fmt_name not in FORMATS:

@@ -20,15 +20,12 @@ from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..format import layout as fmt
-from ..format.checkpoint import INDEX_FILE, SINGLE_FILE
+from ..format.checkpoint import INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES
 from ..format.inspect import checkpoint_report
 from ..integration.config import SVDQuantConfig
 from ..real_model import SMOLLM2_HUB_ID, is_smollm2_checkpoint
 from .exports import MANIFEST, check_export
 from .model_card import HEATMAP, build_model_card, is_generated
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "chat_template.jinja")
 
 
 def check_repo_id(repo_id: str) -> str:
