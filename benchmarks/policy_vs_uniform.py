@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_svdq import SVDQuantConfig, smollm2_checkpoint
 from hf_svdq.calibration.source import CalibrationConfig
-from hf_svdq.compression.plan import LinearSpec, layer_bytes
+from hf_svdq.compression.decisions import LinearSpec, layer_bytes
 from hf_svdq.evaluation.metrics import EvalSettings, tokenize_text
 from hf_svdq.format.policy_file import load_policy
 from hf_svdq.nn.layers import COMPRESSED_LAYERS
@@ -45,7 +45,7 @@ def uniform_rank(specs: list[LinearSpec], budget: int, config: SVDQuantConfig, e
         total = 0
         for s in specs:
             dense = s.out_features * s.in_features * element_bytes
-            total += min(layer_bytes(s, r, config, element_bytes), dense)
+            total += min(layer_bytes(s, r, config.residual_bits, config.group_size, element_bytes), dense)
         return total
     best = 1
     for r in range(1, max(min(s.out_features, s.in_features) for s in specs) + 1):

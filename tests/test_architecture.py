@@ -115,10 +115,41 @@ def test_only_the_quantizer_touches_transformers_quantizer_api():
     assert users == {"hf_svdq.integration.quantizer"}
 
 
+CONFIG_READERS = ("hf_svdq._autoload", "hf_svdq.integration.", "hf_svdq.compression.plan", "hf_svdq.analysis.analyze",
+                  "hf_svdq.publishing.", "hf_svdq.cli")
+"""Who may see ``SVDQuantConfig``: the integration, the planner, the analysis entry points, the exporters that read a
+saved ``config.json``, the CLI. Everything else takes the planner's plain data (settings, per-layer decisions)."""
+
+
+def _reaches(graph: dict[str, set[str]], start: str, target: str) -> bool:
+    seen, stack = set(), [start]
+    while stack:
+        for module in graph.get(stack.pop(), ()):
+            if module == target:
+                return True
+            if module not in seen:
+                seen.add(module)
+                stack.append(module)
+    return False
+
+
+def test_the_config_is_resolved_once_by_the_planner():
+    """No algorithm, compression step, analysis stage, module or kernel imports the config, even indirectly."""
+    graph = import_graph()
+    readers = {m for m in graph if _reaches(graph, m, "hf_svdq.integration.config")}
+    assert {"hf_svdq.compression.plan", "hf_svdq.integration.quantizer"} <= readers
+    below = sorted(m for m in readers if not m.startswith(CONFIG_READERS))
+    assert below == [], f"these modules reach SVDQuantConfig instead of taking the plan: {below}"
+    for module in ("hf_svdq.compression.compress", "hf_svdq.analysis.sensitivity", "hf_svdq.analysis.options",
+                   "hf_svdq.analysis.policy", "hf_svdq.compression.healing"):
+        assert module in graph and module not in readers
+
+
 def test_algorithms_and_format_import_without_transformers():
     """Algorithms on tensors and the on-disk format are usable (and testable) without transformers."""
     modules = sorted(n for n in import_graph() if n.startswith(("hf_svdq.algorithms", "hf_svdq.format.layout",
-                                                                "hf_svdq.format.checkpoint", "hf_svdq.kernels")))
+                                                                "hf_svdq.format.checkpoint", "hf_svdq.kernels",
+                                                                "hf_svdq.compression.decisions")))
     code = "import sys; sys.modules['transformers'] = None\n" + "\n".join(f"import {m}" for m in modules)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
                             env={"HF_SVDQ_NO_AUTOLOAD": "1", "PATH": "/usr/bin:/bin"})

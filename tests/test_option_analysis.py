@@ -9,11 +9,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_svdq import SVDQuantConfig
+from hf_svdq.analysis.analyze import analyze_options
 from hf_svdq.analysis.block_kl import BlockKL
-from hf_svdq.analysis.options import analyze_options, interpolate_kl, probe_points
+from hf_svdq.analysis.options import interpolate_kl, probe_points
 from hf_svdq.analysis.probes import swapped
 from hf_svdq.calibration.source import CalibrationConfig
 from hf_svdq.compression.compress import compress_layer
+from hf_svdq.compression.decisions import CompressionSettings, LayerDecision
 from hf_svdq.compression.plan import find_linear_layers
 
 from .conftest import ARCHITECTURES, CharTokenizer, tiny_model
@@ -77,8 +79,7 @@ def test_block_local_kl_equals_the_full_forward_kl(arch, caplog):
     assert meter.tail is not None, f"{arch}: the final norm/head was not recognised"
     assert meter.measure(1) == pytest.approx(0.0, abs=1e-9)
     spec = next(s for s in find_linear_layers(model) if ".1." in s.name or ".h.1." in s.name)
-    config = SVDQuantConfig(rank=4)
-    new, _ = compress_layer(model.get_submodule(spec.name), spec, 4, config, None)
+    new, _ = compress_layer(model.get_submodule(spec.name), LayerDecision(spec, 4), CompressionSettings(), None)
     assert new is not None
     with swapped(model, {spec.name: new}):
         local, full = meter.measure(1), meter.measure(0)

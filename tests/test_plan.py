@@ -3,7 +3,8 @@ import warnings
 import pytest
 
 from hf_svdq import SVDQuantConfig
-from hf_svdq.compression.plan import LinearSpec, plan_from_resolved, recorded_dense, recorded_ranks, resolve_plan
+from hf_svdq.compression.decisions import LinearSpec, recorded_dense, recorded_ranks
+from hf_svdq.compression.plan import plan_from_resolved, resolve_plan
 
 SPECS = [
     LinearSpec("model.layers.0.self_attn.q_proj", 64, 64, False),
@@ -80,7 +81,8 @@ def test_resolved_plan_round_trip_and_errors():
 
 def test_a_group_size_that_fits_no_layer_is_an_error_and_one_that_fits_some_warns():
     """Issue 11 (3): group 48 on 64-wide layers used to leave every layer dense without a word."""
-    from hf_svdq.compression.plan import LinearSpec, resolve_plan
+    from hf_svdq.compression.decisions import LinearSpec
+    from hf_svdq.compression.plan import resolve_plan
 
     specs = [LinearSpec("a", 64, 64, False), LinearSpec("b", 64, 96, False)]
     with pytest.raises(ValueError, match=r"group_size 40 divides the input width of none of the 2 eligible layers \(widths \[64, 96\]\)"):

@@ -17,13 +17,12 @@ measured KL and perplexity.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,13 +36,12 @@ from ..algorithms.budget import choose_options
 from ..algorithms.whitening import Whitener
 from ..calibration.statistics import dense_grams, find_blocks
 from ..compression.compress import base_quantization, compress_layer
-from ..compression.plan import LayerDecision, find_linear_layers, layer_bytes, protected_layers, resolve_plan
+from ..compression.decisions import CompressionSettings, LayerDecision, layer_bytes
 from ..evaluation.metrics import DEFAULT_PROMPTS, tokenize_text
 from ..format.policy_file import POLICY_KEY, POLICY_VERSION, save_policy
-from ..integration.config import SVDQuantConfig
 from ..nn.low_rank import dense_weight_of
 from .block_kl import BlockKL
-from .policy import Thresholds, find_outliers, policy_setting
+from .policy import Thresholds, find_outliers
 from .probes import Prober, swapped
 from .sensitivity import split_name
 
@@ -119,24 +117,16 @@ class OptionAnalysis:
         return sorted({k for row in self.measured.values() for k in row}, key=lambda k: tuple(int(x) for x in k.split(":")))
 
 
-def _with_bits(config: SVDQuantConfig, name: str, bits: int, refine_steps: int | None = None) -> SVDQuantConfig:
-    """A shallow copy of ``config`` that gives layer ``name`` base ``bits`` (and optionally other refinement)."""
-    changed = copy.copy(config)
-    changed.layer_bits = {name: bits}
-    if refine_steps is not None:
-        changed.refine_steps = refine_steps
-    return changed
-
-
 def measure_options(
-    model: nn.Module, targets: Sequence[LayerDecision], config: SVDQuantConfig, grams: Mapping[str, torch.Tensor],
+    model: nn.Module, targets: Sequence[LayerDecision], settings: CompressionSettings, grams: Mapping[str, torch.Tensor],
     meter: BlockKL, points: Sequence[Option], progress: bool = True,
 ) -> dict[str, dict[Option, float]]:
     """``{layer: {(bits, rank): KL}}``: each option built by :func:`~hf_svdq.compression.compress.compress_layer`
     and measured alone (options the break-even guard refuses are left out). One base per bit width is
     reused across the ranks and the refinement step is skipped (9x fewer GPTQ runs); the plan itself
-    is built with the config's refinement, so probes slightly overstate the corrected options' KL."""
+    is built with the setting's refinement, so probes slightly overstate the corrected options' KL."""
     prefix, _ = find_blocks(model)
+    probe_settings = replace(settings, refine_steps=0)
     measured: dict[str, dict[Option, float]] = {}
     for d in tqdm(targets, desc="probing options", disable=not progress):
         name = d.spec.name
@@ -146,12 +136,11 @@ def measure_options(
         weight = dense_weight_of(module)[0].detach().to(torch.float32)
         bases: dict[int, Any] = {}
         gram = grams.get(name)
-        whitener = Whitener.from_gram(gram, config.damp) if gram is not None else None
+        whitener = Whitener.from_gram(gram, settings.damp) if gram is not None else None
         for bits, rank in points:
-            probe_config = _with_bits(config, name, bits, refine_steps=0)
             if bits not in bases:
-                bases[bits] = base_quantization(weight, grams.get(name), probe_config, bits)
-            new, _ = compress_layer(module, d.spec, rank, probe_config, gram, bases[bits], whitener)
+                bases[bits] = base_quantization(weight, gram, bits, d.group_size, settings.residual_method, settings.damp)
+            new, _ = compress_layer(module, replace(d, rank=rank, bits=bits), probe_settings, gram, bases[bits], whitener)
             if new is None:
                 continue
             with swapped(model, {name: new}):
@@ -160,7 +149,7 @@ def measure_options(
 
 
 def allocate(
-    model: nn.Module, targets: Sequence[LayerDecision], config: SVDQuantConfig, grams: Mapping[str, torch.Tensor],
+    model: nn.Module, targets: Sequence[LayerDecision], settings: CompressionSettings, grams: Mapping[str, torch.Tensor],
     measured: Mapping[str, Mapping[Option, float]], budget_bits_per_weight: float, outliers: Mapping[str, str],
 ) -> tuple[dict[str, tuple[object, float, float]], float]:
     """One option per layer (``(bits, rank)`` or None = dense, bytes, predicted KL) for the budget, and the budget in bytes."""
@@ -173,7 +162,7 @@ def allocate(
         element = weight.element_size()
         numbers += spec.out_features * spec.in_features
         allowed = [max(bit_choices)] if name in outliers else bit_choices
-        curves = relative_error_curves(weight, grams.get(name), allowed, config.group_size, config.damp)
+        curves = relative_error_curves(weight, grams.get(name), allowed, d.group_size, settings.damp)
         opts: list[tuple[object, float, float]] = [(None, float(spec.out_features * spec.in_features * element), 0.0)]
         for bits in allowed:
             probed = {r: kl for (b, r), kl in measured[name].items() if b == bits}
@@ -182,7 +171,7 @@ def allocate(
             kl = interpolate_kl(curves[bits], probed)
             top = min(2 * max(max(probed), 8), len(kl) - 1)
             for r in option_ranks(min(spec.out_features, spec.in_features), max_rank=top):
-                opts.append(((bits, r), float(layer_bytes(spec, r, config, element, bits)), max(float(kl[r]), 0.0)))
+                opts.append(((bits, r), float(layer_bytes(spec, r, bits, d.group_size, element)), max(float(kl[r]), 0.0)))
         options[name] = opts
     budget = budget_bits_per_weight * numbers / 8
     try:
@@ -192,7 +181,7 @@ def allocate(
 
 
 def build_option_policy(
-    chosen: Mapping[str, tuple[object, float, float]], config: SVDQuantConfig, all_layers: Mapping[str, str],
+    chosen: Mapping[str, tuple[object, float, float]], settings: CompressionSettings, all_layers: Mapping[str, str],
     outliers: Mapping[str, str], budget_bits_per_weight: float, numbers: int, model_info: Mapping[str, Any],
 ) -> dict[str, Any]:
     """A policy document (:func:`hf_svdq.format.policy_file.load_policy` reads it) with ranks and per-layer bits."""
@@ -203,11 +192,11 @@ def build_option_policy(
             continue
         bits, rank = cast(Option, key)
         ranks[name] = rank
-        if bits != config.residual_bits:
+        if bits != settings.residual_bits:
             layer_bits[name] = bits
     total = sum(o[1] for o in chosen.values())
     return {
-        POLICY_KEY: POLICY_VERSION, "model": dict(model_info), "setting": policy_setting(config),
+        POLICY_KEY: POLICY_VERSION, "model": dict(model_info), "setting": settings.policy_setting(),
         "criterion": {"budget_bits_per_weight": budget_bits_per_weight, "allocator": "measured option KL"},
         "classes": {n: {"class": "outlier" if n in outliers else "robust",
                         "reason": outliers.get(n, "within the spread of all layers")} for n in chosen},
@@ -218,59 +207,60 @@ def build_option_policy(
     }
 
 
-def analyze_options(
-    model: nn.Module, tokenizer: Any, config: SVDQuantConfig, text: str, budget_bits_per_weight: float | None = None,
-    probe_ranks: Sequence[int] = DEFAULT_PROBE_RANKS, probe_samples: int = 2, eval_tokens: int = 1024,
-    prompts: Sequence[str] = DEFAULT_PROMPTS[:3], thresholds: Thresholds | None = None, progress: bool = True,
+def option_analysis(
+    model: nn.Module, tokenizer: Any, decisions: Sequence[LayerDecision], settings: CompressionSettings, ids: torch.Tensor,
+    text: str, budget_bits_per_weight: float, probe_ranks: Sequence[int] = DEFAULT_PROBE_RANKS, probe_samples: int = 2,
+    eval_tokens: int = 1024, prompts: Sequence[str] = DEFAULT_PROMPTS[:3], thresholds: Thresholds | None = None,
+    progress: bool = True,
 ) -> OptionAnalysis:
-    """Probe every layer's residual options, allocate ``budget_bits_per_weight`` (default: the config's
-    ``target_bits_per_weight``) and measure the plan on ``text`` (held out: never the calibration text).
-    ``config`` must be residual mode with ``bit_choices`` and calibration. The model is left dense."""
-    if config.residual_bits is None or not config.bit_choices or config.calibration is None:
-        raise ValueError("option analysis needs residual mode with bit_choices (e.g. [4, 8]) and calibration")
-    budget = budget_bits_per_weight if budget_bits_per_weight is not None else config.target_bits_per_weight
-    if budget is None or budget <= 0:
-        raise ValueError(f"option analysis needs a positive bits-per-weight budget, got {budget!r}")
+    """Probe every planned layer's residual options on calibration ``ids``, allocate the budget and
+    measure the plan on ``text`` (see :func:`hf_svdq.analysis.analyze.analyze_options`, which plans)."""
+    if settings.residual_bits is None or not settings.bit_choices:
+        raise ValueError("option analysis needs residual mode with bit_choices (e.g. [4, 8])")
     if probe_samples < 1:
         raise ValueError(f"probe_samples must be >= 1, got {probe_samples}")
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    decisions = resolve_plan(find_linear_layers(model), config, protected_layers(model), next(model.parameters()).element_size())
     targets = [d for d in decisions if d.rank is not None]
-    ids = config.calibration.token_ids(tokenizer, model)
-    grams = dense_grams(model, [d.spec.name for d in targets], ids, config.calibration.batch_size,
-                        config.calibration.stats_cache, progress)
+    grams = dense_grams(model, [d.spec.name for d in targets], ids, settings.batch_size, settings.stats_cache, progress)
     meter = BlockKL(model, ids[:probe_samples])
     timings["setup_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    measured = measure_options(model, targets, config, grams, meter, probe_points(config.bit_choices, probe_ranks), progress)
+    measured = measure_options(model, targets, settings, grams, meter, probe_points(settings.bit_choices, probe_ranks), progress)
     timings["probes_s"] = time.perf_counter() - start
     start = time.perf_counter()
     cheapest = {n: m[min(m)] for n, m in measured.items() if m}  # lowest bits, lowest rank
     outliers = find_outliers(cheapest, thresholds)
     for name, reason in outliers.items():
         logger.warning("hf_svdq analysis: %s offered only its highest-precision options: %s", name, reason)
-    chosen, _ = allocate(model, targets, config, grams, measured, budget, outliers)
+    chosen, _ = allocate(model, targets, settings, grams, measured, budget_bits_per_weight, outliers)
     numbers = sum(d.spec.out_features * d.spec.in_features for d in targets)
     all_layers = {d.spec.name: d.reason or "not analysed" for d in decisions if d.rank is None}
     cfg = getattr(model, "config", None)
     info = {"name_or_path": getattr(cfg, "name_or_path", None), "model_type": getattr(cfg, "model_type", None)}
-    policy = build_option_policy(chosen, config, all_layers, outliers, budget, numbers, info)
+    policy = build_option_policy(chosen, settings, all_layers, outliers, budget_bits_per_weight, numbers, info)
     timings["allocation_s"] = time.perf_counter() - start
     start = time.perf_counter()
     prober = Prober(model, tokenizer, tokenize_text(tokenizer, text, eval_tokens), prompts)
-    modules = {}
+    with swapped(model, _plan_modules(model, targets, settings, grams, chosen, progress)):
+        plan = prober.measure()
+    timings["plan_check_s"] = time.perf_counter() - start
+    readable = {n: {f"{b}:{r}": kl for (b, r), kl in m.items()} for n, m in measured.items()}
+    return OptionAnalysis(readable, policy, prober.dense.to_dict(), plan.to_dict(), timings)
+
+
+def _plan_modules(model: nn.Module, targets: Sequence[LayerDecision], settings: CompressionSettings,
+                  grams: Mapping[str, torch.Tensor], chosen: Mapping[str, tuple[object, float, float]],
+                  progress: bool) -> dict[str, nn.Module]:
+    """The compressed module of every layer the allocator did not keep dense, built as the plan says."""
+    modules: dict[str, nn.Module] = {}
     for d in tqdm(targets, desc="building the plan", disable=not progress):
         key = chosen[d.spec.name][0]
         if key is None:
             continue
         bits, rank = cast(Option, key)
-        new, _ = compress_layer(model.get_submodule(d.spec.name), d.spec, rank, _with_bits(config, d.spec.name, bits),
+        new, _ = compress_layer(model.get_submodule(d.spec.name), replace(d, rank=rank, bits=bits), settings,
                                 grams.get(d.spec.name))
         if new is not None:
             modules[d.spec.name] = new
-    with swapped(model, modules):
-        plan = prober.measure()
-    timings["plan_check_s"] = time.perf_counter() - start
-    readable = {n: {f"{b}:{r}": kl for (b, r), kl in m.items()} for n, m in measured.items()}
-    return OptionAnalysis(readable, policy, prober.dense.to_dict(), plan.to_dict(), timings)
+    return modules

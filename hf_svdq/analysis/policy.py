@@ -27,9 +27,8 @@ from typing import Any
 import torch
 
 from ..algorithms.budget import choose_options, tail_loss
-from ..compression.plan import LinearSpec, layer_bytes
-from ..format.policy_file import POLICY_KEY, POLICY_VERSION, SETTING_KEYS
-from ..integration.config import SVDQuantConfig
+from ..compression.decisions import CompressionSettings, LinearSpec, layer_bytes
+from ..format.policy_file import POLICY_KEY, POLICY_VERSION
 from .sensitivity import LayerIsolation
 
 
@@ -133,19 +132,20 @@ def find_outliers(alone_kl: Mapping[str, float], thresholds: Thresholds | None =
     return result
 
 
-def _options(spec: LinearSpec, spectrum: torch.Tensor, weight: float, config: SVDQuantConfig, element_bytes: int,
+def _options(spec: LinearSpec, spectrum: torch.Tensor, weight: float, settings: CompressionSettings, element_bytes: int,
              step: int, measured_rank: int | None = None, rank_range: float | None = None) -> list[tuple[object, float, float]]:
     dense = spec.out_features * spec.in_features * element_bytes
     tail = tail_loss(spectrum)
-    limit = min(len(spectrum), spec.out_features, spec.in_features - (0 if config.residual_bits else 1))
-    low = 0 if config.residual_bits else max(1, min(config.rank_floor, limit))
+    bits = settings.residual_bits
+    limit = min(len(spectrum), spec.out_features, spec.in_features - (0 if bits else 1))
+    low = 0 if bits else max(1, min(settings.rank_floor, limit))
     if rank_range is not None and measured_rank is not None:  # trust region around the measured rank
         low = max(low, int(measured_rank / rank_range))
         limit = min(limit, max(int(measured_rank * rank_range), low))
     ranks = sorted({*range(low, limit + 1, step), limit} if limit >= low else set())
     options: list[tuple[object, float, float]] = [(None, float(dense), 0.0)]
     for r in ranks:
-        stored = layer_bytes(spec, r, config, element_bytes)
+        stored = layer_bytes(spec, r, bits, settings.group_size, element_bytes)
         if stored < dense:
             options.append((r, float(stored), weight * float(tail[r])))
     return options
@@ -157,7 +157,7 @@ def build_policy(
     groups: Mapping[str, Sequence[str]],
     alone_kl: Mapping[str, float],
     classes: Mapping[str, tuple[str, str]],
-    config: SVDQuantConfig,
+    settings: CompressionSettings,
     all_layers: Mapping[str, str],
     element_bytes: int,
     budget_bits_per_weight: float | None = None,
@@ -185,49 +185,22 @@ def build_policy(
     dense; with the analysed layers it must cover the whole model, which is how a policy is
     recognised as made for this architecture when it is loaded.
     """
-    if (budget_bits_per_weight is None) == (max_ppl_ratio is None):
-        raise ValueError("give exactly one of budget_bits_per_weight and max_ppl_ratio")
-    if pillars not in ("dense", "protect"):
-        raise ValueError(f"pillars must be 'dense' or 'protect', got {pillars!r}")
-    if budget_bits_per_weight is not None and budget_bits_per_weight <= 0:
-        raise ValueError(f"budget_bits_per_weight must be positive, got {budget_bits_per_weight}")
-    if max_ppl_ratio is not None and max_ppl_ratio <= 1:
-        raise ValueError(f"max_ppl_ratio must be above 1, got {max_ppl_ratio}")
-    by_name = {r.name: r for r in rows}
+    _check_criterion(budget_bits_per_weight, max_ppl_ratio, pillars)
     group_of = {n: g for g, members in groups.items() for n in members}
     layer_class = {n: classes[g][0] for n, g in group_of.items() if g in classes}
-    outliers = dict(outliers or {})
-    layer_outlier = {n: outliers[g] for n, g in group_of.items() if g in outliers}
-    weights: dict[str, float] = {}
-    for g, members in groups.items():
-        base = sum(float(tail_loss(spectra[n])[by_name[n].rank]) for n in members if by_name[n].rank is not None)
-        for n in members:
-            weights[n] = alone_kl.get(g, 0.0) / base if base > 0 else alone_kl.get(g, 0.0)
+    layer_outlier = {n: (outliers or {})[g] for n, g in group_of.items() if g in (outliers or {})}
+    weights = _layer_weights(rows, spectra, groups, alone_kl)
     options: dict[str, list[tuple[object, float, float]]] = {}
     for r in rows:
-        spec = LinearSpec(r.name, r.out_features, r.in_features, False)
         pillar = layer_class.get(r.name) == "pillar"
         if (pillar and pillars == "dense") or r.name in layer_outlier or r.name not in weights:
             options[r.name] = [(None, float(r.dense_bytes), 0.0)]
         else:
+            spec = LinearSpec(r.name, r.out_features, r.in_features, False)
             weight = weights[r.name] * (pillar_weight if pillar else 1.0)
-            options[r.name] = _options(spec, spectra[r.name], weight, config, element_bytes, step, r.rank, rank_range)
+            options[r.name] = _options(spec, spectra[r.name], weight, settings, element_bytes, step, r.rank, rank_range)
     numbers = sum(r.out_features * r.in_features for r in rows)
-    if budget_bits_per_weight is not None:
-        try:
-            chosen = choose_options(options, budget=budget_bits_per_weight * numbers / 8)
-        except ValueError as err:
-            kept = sum(1 for o in options.values() if len(o) == 1)
-            raise ValueError(
-                f"policy budget {budget_bits_per_weight:.3f} bits/weight is too small: {kept} layer(s) must stay dense "
-                f"(pillars or not compressible) and every other layer at its smallest rank still does not fit ({err}); "
-                "give a larger budget or a quality floor (max_ppl_ratio)"
-            ) from None
-        criterion: dict[str, Any] = {"budget_bits_per_weight": budget_bits_per_weight}
-    else:
-        assert max_ppl_ratio is not None
-        chosen = choose_options(options, max_loss=math.log(max_ppl_ratio))
-        criterion = {"max_ppl_ratio": max_ppl_ratio}
+    chosen, criterion = _choose(options, numbers, budget_bits_per_weight, max_ppl_ratio)
     ranks = {n: int(o[0]) for n, o in chosen.items() if o[0] is not None}  # type: ignore[call-overload]
     dense = dict(all_layers)
     for n, o in chosen.items():
@@ -239,11 +212,11 @@ def build_policy(
     return {
         POLICY_KEY: POLICY_VERSION,
         "model": dict(model_info or {}),
-        "setting": policy_setting(config),
+        "setting": settings.policy_setting(),
         "criterion": {**criterion, "pillars": pillars, "rank_range": rank_range},
-        "classes": {n: {"class": layer_class.get(n, "robust"), "group": group_of.get(n),
-                        "reason": classes[group_of[n]][1] if group_of.get(n) in classes else "not probed",
-                        **({"outlier": layer_outlier[n]} if n in layer_outlier else {})} for n in by_name},
+        "classes": {r.name: {"class": layer_class.get(r.name, "robust"), "group": group_of.get(r.name),
+                             "reason": classes[group_of[r.name]][1] if group_of.get(r.name) in classes else "not probed",
+                             **({"outlier": layer_outlier[r.name]} if r.name in layer_outlier else {})} for r in rows},
         "ranks": ranks,
         "dense": dense,
         "predicted": {"kl": sum(o[2] for o in chosen.values()), "bytes": int(total),
@@ -251,11 +224,46 @@ def build_policy(
     }
 
 
-def policy_setting(config: SVDQuantConfig) -> dict[str, Any]:
-    """The analysed setting a policy records (what :func:`config_kwargs_from_policy` reproduces)."""
-    setting = {k: v for k, v in config.to_dict().items() if k in SETTING_KEYS}
-    setting["calibrated"] = config.calibration is not None
-    return setting
+def _check_criterion(budget_bits_per_weight: float | None, max_ppl_ratio: float | None, pillars: str) -> None:
+    if (budget_bits_per_weight is None) == (max_ppl_ratio is None):
+        raise ValueError("give exactly one of budget_bits_per_weight and max_ppl_ratio")
+    if pillars not in ("dense", "protect"):
+        raise ValueError(f"pillars must be 'dense' or 'protect', got {pillars!r}")
+    if budget_bits_per_weight is not None and budget_bits_per_weight <= 0:
+        raise ValueError(f"budget_bits_per_weight must be positive, got {budget_bits_per_weight}")
+    if max_ppl_ratio is not None and max_ppl_ratio <= 1:
+        raise ValueError(f"max_ppl_ratio must be above 1, got {max_ppl_ratio}")
+
+
+def _layer_weights(rows: Sequence[LayerIsolation], spectra: Mapping[str, torch.Tensor], groups: Mapping[str, Sequence[str]],
+                   alone_kl: Mapping[str, float]) -> dict[str, float]:
+    """Per layer: its group's KL alone per unit of the group's truncation loss at the analysed ranks
+    (the slope that turns a layer's truncation loss at another rank into predicted KL)."""
+    by_name = {r.name: r for r in rows}
+    weights: dict[str, float] = {}
+    for g, members in groups.items():
+        base = sum(float(tail_loss(spectra[n])[by_name[n].rank]) for n in members if by_name[n].rank is not None)
+        for n in members:
+            weights[n] = alone_kl.get(g, 0.0) / base if base > 0 else alone_kl.get(g, 0.0)
+    return weights
+
+
+def _choose(options: dict[str, list[tuple[object, float, float]]], numbers: int, budget_bits_per_weight: float | None,
+            max_ppl_ratio: float | None) -> tuple[dict[str, tuple[object, float, float]], dict[str, Any]]:
+    """One option per layer: the least predicted KL within the byte budget, or the fewest bytes within the quality floor."""
+    if budget_bits_per_weight is None:
+        assert max_ppl_ratio is not None
+        return choose_options(options, max_loss=math.log(max_ppl_ratio)), {"max_ppl_ratio": max_ppl_ratio}
+    try:
+        chosen = choose_options(options, budget=budget_bits_per_weight * numbers / 8)
+    except ValueError as err:
+        kept = sum(1 for o in options.values() if len(o) == 1)
+        raise ValueError(
+            f"policy budget {budget_bits_per_weight:.3f} bits/weight is too small: {kept} layer(s) must stay dense "
+            f"(pillars or not compressible) and every other layer at its smallest rank still does not fit ({err}); "
+            "give a larger budget or a quality floor (max_ppl_ratio)"
+        ) from None
+    return chosen, {"budget_bits_per_weight": budget_bits_per_weight}
 
 
 def thresholds_dict(t: Thresholds) -> dict[str, float]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -24,8 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..compression.compress import budget_ranks, compress_layer, truncation_spectrum
-from ..compression.plan import LayerDecision, LinearSpec, find_linear_layers, protected_layers, resolve_plan
-from ..integration.config import SVDQuantConfig
+from ..compression.decisions import CompressionSettings, LayerDecision
 from ..nn.low_rank import dense_weight_of
 
 
@@ -93,39 +92,32 @@ class LayerIsolation:
         return asdict(self)
 
 
-def setting_targets(model: nn.Module, config: SVDQuantConfig) -> list[LayerDecision]:
-    """The layers ``config`` would compress in ``model`` (skip patterns, protected layers applied)."""
-    weight = next(model.parameters())
-    return [d for d in resolve_plan(find_linear_layers(model), config, protected_layers(model), weight.element_size())
-            if d.rank is not None]
-
-
 def isolate_layers(
-    model: nn.Module, config: SVDQuantConfig, grams: Mapping[str, torch.Tensor] | None = None,
-    block_prefix: str = "", progress: bool = True,
+    model: nn.Module, targets: Sequence[LayerDecision], settings: CompressionSettings,
+    grams: Mapping[str, torch.Tensor] | None = None, block_prefix: str = "", progress: bool = True,
 ) -> tuple[list[LayerIsolation], dict[str, nn.Module], dict[str, torch.Tensor]]:
-    """Compress every layer ``config`` targets, one at a time, without touching ``model``.
+    """Compress every planned layer of ``targets``, one at a time, without touching ``model``.
 
     Returns the per-layer measures, the compressed modules (by name; layers kept dense are absent)
-    and each layer's truncation spectrum (for rank policies). Budget policies are resolved first,
-    exactly as :func:`hf_svdq.compression.compress.compress_model` would.
+    and each layer's truncation spectrum (for rank policies). A global budget is resolved first,
+    exactly as :func:`hf_svdq.compression.compress.compress_model` resolves it.
     """
     grams = dict(grams or {})
-    targets = setting_targets(model, config)
+    targets = [d for d in targets if d.rank is not None]
     if not targets:
         raise ValueError("the analysis setting compresses no layer of this model (check skip patterns and rank)")
-    fixed: dict[str, int | None] = {d.spec.name: (d.rank if d.rank is not None and d.rank >= 0 else None) for d in targets}
     spectra: dict[str, torch.Tensor] = {}
-    if config.target_bits_per_weight is not None or config.target_param_ratio is not None:
-        fixed.update(budget_ranks(model, targets, config, grams, spectra))
+    if settings.budgeted:  # ranks at the default bits, as budget_ranks gives them (bit_choices are the option analysis')
+        ranks = budget_ranks(model, targets, settings, grams, spectra)
+        targets = [replace(d, rank=ranks[d.spec.name]) for d in targets]
     rows: list[LayerIsolation] = []
     modules: dict[str, Any] = {}
     for d in tqdm(targets, desc="isolating layers", disable=not progress):
-        spec: LinearSpec = d.spec
+        spec = d.spec
         module = model.get_submodule(spec.name)
         weight, _ = dense_weight_of(module)
         gram = grams.get(spec.name)
-        new, rank = compress_layer(module, spec, fixed[spec.name], config, gram)
+        new, rank = compress_layer(module, d, settings, gram)
         approx = new.dequantize(torch.float32) if new is not None else weight
         metrics = layer_metrics(weight.detach().float(), approx, gram)
         block, kind = split_name(spec.name, block_prefix)
@@ -138,7 +130,7 @@ def isolate_layers(
         if new is not None:
             modules[spec.name] = new
         if spec.name not in spectra:
-            spectra[spec.name] = truncation_spectrum(weight, config, gram)
+            spectra[spec.name] = truncation_spectrum(weight, gram, d.bits, d.group_size, settings.damp)
     return rows, modules, spectra
 
 

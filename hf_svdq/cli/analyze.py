@@ -135,7 +135,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def _option_analysis(model: object, tokenizer: object, config: object, args: argparse.Namespace, start: float) -> int:
     """``--bit-choices``: probe the residual options of every layer and allocate the budget over them."""
-    from ..analysis.options import analyze_options
+    from ..analysis.analyze import analyze_options
     from ..evaluation.metrics import DEFAULT_PROMPTS
 
     analysis = analyze_options(model, tokenizer, config, args.text.read_text(encoding="utf-8"),  # type: ignore[arg-type]

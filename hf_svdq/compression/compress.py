@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -22,12 +23,11 @@ from ..algorithms.groupquant import CLIP_GRID, quantize_gptq, quantize_rtn
 from ..algorithms.linalg import LowRankInt8, energy_rank, low_rank_int8, quantize_int8_rows
 from ..algorithms.whitening import Whitener, refit_left, whitened_low_rank, whitened_spectrum
 from ..calibration.statistics import block_grams, block_inputs, dense_grams, find_blocks, input_groups, run_block
-from ..integration.config import SVDQuantConfig
 from ..nn.low_rank import SVDQLinear, dense_weight_of
 from ..nn.residual import SVDQResidualLinear
+from .decisions import RANK_FROM_DATA, CompressionSettings, LayerDecision, LinearSpec, layer_bytes
 from .fisher import output_sensitivity
 from .memory import release_free_memory
-from .plan import LayerDecision, LinearSpec, layer_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -48,25 +48,31 @@ def _spectrum(target: torch.Tensor, whitener: Whitener | None) -> torch.Tensor:
     return whitened_spectrum(target, whitener) if whitener is not None else torch.linalg.svdvals(target.to(torch.float64))
 
 
-def base_quantization(weight: torch.Tensor, gram: torch.Tensor | None, config: SVDQuantConfig, bits: int) -> Any:
-    """The residual mode's base: ``weight`` (float32 ``[out, in]``) group-quantized at ``bits`` by the
-    config's method (GPTQ when calibrated, else round-to-nearest)."""
-    group = config.group_size or weight.shape[1]
-    if gram is not None and config.residual_method == "gptq":
-        return quantize_gptq(weight, gram, bits, group, damp=config.damp)
+def base_quantization(weight: torch.Tensor, gram: torch.Tensor | None, bits: int, group_size: int | None,
+                      method: str | None, damp: float) -> Any:
+    """The residual mode's base: ``weight`` (float32 ``[out, in]``) group-quantized at ``bits`` in groups of
+    ``group_size`` (None: per row) by ``method`` (GPTQ needs ``gram``; otherwise round-to-nearest,
+    with a clip search for ``"mse"``, activation-weighted when ``gram`` is given)."""
+    group = group_size or weight.shape[1]
+    if gram is not None and method == "gptq":
+        return quantize_gptq(weight, gram, bits, group, damp=damp)
     importance = gram.diagonal() if gram is not None else None
-    clips = CLIP_GRID if config.residual_method == "mse" else (1.0,)
+    clips = CLIP_GRID if method == "mse" else (1.0,)
     return quantize_rtn(weight, bits, group, importance, clips)
 
 
 def compress_layer(
-    module: nn.Module, spec: LinearSpec, rank: int | None, config: SVDQuantConfig, gram: torch.Tensor | None,
+    module: nn.Module, decision: LayerDecision, settings: CompressionSettings, gram: torch.Tensor | None,
     base: Any = None, whitener: Whitener | None = None,
 ) -> tuple[SVDQLinear | SVDQResidualLinear | None, int]:
-    """A compressed replacement of ``module`` and its rank; ``(None, rank)`` when the break-even
-    guard keeps it dense. ``rank=None`` means: choose it from the spectrum (``config.energy``).
-    ``base``: a :func:`base_quantization` of this weight at this layer's bits, and ``whitener``:
-    ``Whitener.from_gram(gram, config.damp)``, both reused when probes build several options of one layer."""
+    """A compressed replacement of ``module`` as ``decision`` plans it, and its rank; ``(None, rank)``
+    when the break-even guard keeps it dense. A :data:`~hf_svdq.compression.plan.RANK_FROM_DATA` rank
+    is chosen from the spectrum (``settings.energy``). ``base``: a :func:`base_quantization` of this
+    weight at the decision's bits, and ``whitener``: ``Whitener.from_gram(gram, settings.damp)``, both
+    reused when probes build several options of one layer."""
+    spec, bits, rank = decision.spec, decision.bits, decision.rank
+    if rank is None:
+        raise ValueError(f"compress_layer: {spec.name} is planned dense ({decision.reason})")
     weight, transposed = dense_weight_of(module)
     dtype = weight.dtype
     w = weight.detach().to(torch.float32)
@@ -75,153 +81,182 @@ def compress_layer(
         raise ValueError(f"{spec.name}.weight has {bad} non-finite value(s) (NaN/Inf): refusing to compress it")
     bias = getattr(module, "bias", None)
     if whitener is None and gram is not None:
-        whitener = Whitener.from_gram(gram, config.damp)
-    bits = config.bits_for(spec.name)
+        whitener = Whitener.from_gram(gram, settings.damp)
     if base is None and bits is not None:
-        base = base_quantization(w, gram, config, bits)
+        base = base_quantization(w, gram, bits, decision.group_size, settings.residual_method, settings.damp)
     target = w - base.dequantize() if base is not None else w
-    if rank is None:
-        if config.energy is None:
-            raise ValueError("compress_layer: rank is undecided and no energy threshold is set")
-        rank = energy_rank(_spectrum(target, whitener), config.energy)
+    if rank == RANK_FROM_DATA:
+        if settings.energy is None:
+            raise ValueError(f"compress_layer: {spec.name}'s rank is left to the data and no energy threshold is set")
+        rank = energy_rank(_spectrum(target, whitener), settings.energy)
     rank = min(rank, spec.in_features - 1 if base is None else spec.in_features, spec.out_features)
     dense_bytes = spec.out_features * spec.in_features * weight.element_size()
-    if layer_bytes(spec, rank, config, weight.element_size()) >= dense_bytes:
+    if layer_bytes(spec, rank, bits, decision.group_size, weight.element_size()) >= dense_bytes:
         return None, rank
     if base is None:
         if rank < 1:
             return None, rank
-        low = SVDQLinear(spec.in_features, spec.out_features, rank, bias is not None, dtype=dtype, transposed=transposed)
-        low.load_factors(_low_rank(target, rank, gram, whitener, dtype))
-        if bias is not None:
-            low.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
-        new: SVDQLinear | SVDQResidualLinear = low
+        new: SVDQLinear | SVDQResidualLinear = _low_rank_module(spec, rank, _low_rank(target, rank, gram, whitener, dtype),
+                                                                 bias, dtype, transposed)
     else:
-        group = config.group_size or spec.in_features
-        residual = SVDQResidualLinear(spec.in_features, spec.out_features, rank, base.bits, group, bias is not None,
-                                      dtype=dtype, transposed=transposed)
-        correction = _low_rank(target, rank, gram, whitener, dtype) if rank else None
-        for _ in range(config.refine_steps if correction is not None else 0):
-            assert correction is not None
-            # alternate: re-quantize what the correction does not explain, then refit the correction
-            base = base_quantization(w - correction.dequantize(), gram, config, base.bits)
-            correction = _low_rank(w - base.dequantize(), rank, gram, whitener, dtype)
-        residual.load(base, correction, bias)
-        new = residual
+        new = _residual_module(w, spec, rank, base, decision.group_size, settings, gram, whitener, bias, dtype, transposed)
     for tensor_name, tensor in new.named_parameters():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"{spec.name}.{tensor_name}: compression produced non-finite values; please report it")
     return new.to(weight.device), rank
 
 
-def truncation_spectrum(weight: torch.Tensor, config: SVDQuantConfig, gram: torch.Tensor | None) -> torch.Tensor:
-    """Singular values whose squared tail is the truncation loss of ``weight`` under ``config``:
-    of the whitened weight when calibrated, of the (round-to-nearest) quantization error in residual mode."""
+def _low_rank_module(spec: LinearSpec, rank: int, factors: LowRankInt8, bias: torch.Tensor | None, dtype: torch.dtype,
+                     transposed: bool) -> SVDQLinear:
+    low = SVDQLinear(spec.in_features, spec.out_features, rank, bias is not None, dtype=dtype, transposed=transposed)
+    low.load_factors(factors)
+    if bias is not None:
+        low.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
+    return low
+
+
+def _residual_module(w: torch.Tensor, spec: LinearSpec, rank: int, base: Any, group_size: int | None,
+                     settings: CompressionSettings, gram: torch.Tensor | None, whitener: Whitener | None,
+                     bias: torch.Tensor | None, dtype: torch.dtype, transposed: bool) -> SVDQResidualLinear:
+    """``base`` plus a rank-``rank`` correction of its error, refined ``settings.refine_steps`` times."""
+    residual = SVDQResidualLinear(spec.in_features, spec.out_features, rank, base.bits, group_size or spec.in_features,
+                                  bias is not None, dtype=dtype, transposed=transposed)
+    correction = _low_rank(w - base.dequantize(), rank, gram, whitener, dtype) if rank else None
+    for _ in range(settings.refine_steps if correction is not None else 0):
+        assert correction is not None
+        # alternate: re-quantize what the correction does not explain, then refit the correction
+        base = base_quantization(w - correction.dequantize(), gram, base.bits, group_size, settings.residual_method, settings.damp)
+        correction = _low_rank(w - base.dequantize(), rank, gram, whitener, dtype)
+    residual.load(base, correction, bias)
+    return residual
+
+
+def truncation_spectrum(weight: torch.Tensor, gram: torch.Tensor | None, bits: int | None, group_size: int | None,
+                        damp: float) -> torch.Tensor:
+    """Singular values whose squared tail is the truncation loss of ``weight``: of the whitened weight
+    when calibrated (``gram``), of the ``bits``-wide round-to-nearest quantization error in residual mode."""
     w = weight.detach().to(torch.float32)
-    whitener = Whitener.from_gram(gram, config.damp) if gram is not None else None
-    target = w - quantize_rtn(w, config.residual_bits, config.group_size or w.shape[1]).dequantize() if config.residual_bits else w
+    whitener = Whitener.from_gram(gram, damp) if gram is not None else None
+    target = w - quantize_rtn(w, bits, group_size or w.shape[1]).dequantize() if bits else w
     return _spectrum(target, whitener)
 
 
-def budget_ranks(model: nn.Module, targets: Sequence[LayerDecision], config: SVDQuantConfig,
-                 grams: dict[str, torch.Tensor], spectra: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
-    """Ranks of ``targets`` under the config's global budget (``target_bits_per_weight`` or
+def budget_ranks(model: nn.Module, targets: Sequence[LayerDecision], settings: CompressionSettings,
+                 grams: Mapping[str, torch.Tensor], spectra: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
+    """Ranks of ``targets`` under the global budget (``settings.target_bits_per_weight`` or
     ``target_param_ratio``), allocated by measured truncation loss. ``spectra`` (name ->
     :func:`truncation_spectrum`) is used where given and filled in where missing."""
     spectra = {} if spectra is None else spectra
-    specs = {}
+    plans = {d.spec.name: d for d in targets}
     scale_bytes = 4
     for d in targets:
         weight, _ = dense_weight_of(model.get_submodule(d.spec.name))
         scale_bytes = weight.element_size()
         if d.spec.name not in spectra:
-            spectra[d.spec.name] = truncation_spectrum(weight, config, grams.get(d.spec.name))
-        specs[d.spec.name] = d.spec
-    numbers = sum(s.out_features * s.in_features for s in specs.values())
-    if config.target_param_ratio is not None:
-        budget = config.target_param_ratio * numbers
+            spectra[d.spec.name] = truncation_spectrum(weight, grams.get(d.spec.name), d.bits, d.group_size, settings.damp)
+    numbers = sum(d.spec.out_features * d.spec.in_features for d in targets)
+    if settings.target_param_ratio is not None:
+        budget = settings.target_param_ratio * numbers
         def cost(name: str, r: int) -> float:
-            s = specs[name]
+            s = plans[name].spec
             return r * (s.out_features + s.in_features)
-    else:
-        assert config.target_bits_per_weight is not None
-        budget = config.target_bits_per_weight * numbers / 8
+    elif settings.target_bits_per_weight is not None:
+        budget = settings.target_bits_per_weight * numbers / 8
         def cost(name: str, r: int) -> float:
-            return layer_bytes(specs[name], r, config, scale_bytes)
-    limits = {n: min(s.out_features, s.in_features - (0 if config.residual_bits else 1)) for n, s in specs.items()}
-    ranks = allocate_ranks(spectra, cost, budget, floor=config.rank_floor, max_rank=limits)
+            d = plans[name]
+            return layer_bytes(d.spec, r, d.bits, d.group_size, scale_bytes)
+    else:
+        raise ValueError("budget_ranks needs target_bits_per_weight or target_param_ratio")
+    limits = {n: min(d.spec.out_features, d.spec.in_features - (0 if d.bits is not None else 1)) for n, d in plans.items()}
+    ranks = allocate_ranks(spectra, cost, budget, floor=settings.rank_floor, max_rank=limits)
     logger.info("hf_svdq: budget allocated ranks %s", ranks)
     return ranks
 
 
-def mixed_budget(model: nn.Module, targets: Sequence[LayerDecision], config: SVDQuantConfig,
-                 grams: dict[str, torch.Tensor], ids: torch.Tensor | None = None) -> tuple[dict[str, int], dict[str, int]]:
-    """``(ranks, layer_bits)`` for ``config.bit_choices`` under ``target_bits_per_weight``: one
-    (bits, rank) option per layer minimising the summed relative output error (:mod:`hf_svdq.algorithms.allocation`),
-    each layer's weighted by its Fisher sensitivity when calibrated (:mod:`hf_svdq.compression.fisher`; the weighted
-    sum predicts the perplexity ratio, left in ``config.prediction``); ``layer_bits`` lists the layers
-    whose bits differ from ``residual_bits``."""
-    assert config.bit_choices is not None and config.target_bits_per_weight is not None
+@dataclass(frozen=True)
+class MixedBudget:
+    """A mixed-bits budget's choice: each layer's rank and base bits, and the predicted quality."""
+
+    ranks: dict[str, int]
+    bits: dict[str, int]
+    prediction: dict[str, Any]
+
+
+def mixed_budget(model: nn.Module, targets: Sequence[LayerDecision], settings: CompressionSettings,
+                 grams: Mapping[str, torch.Tensor], ids: torch.Tensor | None = None) -> MixedBudget:
+    """One (bits, rank) option per layer among ``settings.bit_choices`` under ``target_bits_per_weight``,
+    minimising the summed relative output error (:mod:`hf_svdq.algorithms.allocation`), each layer's
+    weighted by its Fisher sensitivity when calibrated (:mod:`hf_svdq.compression.fisher`; the weighted
+    sum predicts the perplexity ratio, returned in ``prediction``)."""
+    if not settings.bit_choices or settings.target_bits_per_weight is None:
+        raise ValueError("mixed_budget needs bit_choices and target_bits_per_weight")
     names = [d.spec.name for d in targets]
-    batch = config.calibration.batch_size if config.calibration is not None else 4
-    kappa = output_sensitivity(model, names, ids, batch) if ids is not None else dict.fromkeys(names, 1.0)
+    kappa = output_sensitivity(model, names, ids, settings.batch_size) if ids is not None else dict.fromkeys(names, 1.0)
     options: dict[str, list[tuple[object, float, float]]] = {}
     numbers = 0
     for d in tqdm(targets, desc="scoring bit/rank options", disable=len(targets) < 8):
         weight, _ = dense_weight_of(model.get_submodule(d.spec.name))
-        curves = relative_error_curves(weight, grams.get(d.spec.name), config.bit_choices, config.group_size, config.damp)
+        curves = relative_error_curves(weight, grams.get(d.spec.name), settings.bit_choices, d.group_size, settings.damp)
         limit = min(d.spec.out_features, d.spec.in_features)
         weight_of = kappa[d.spec.name]
-        options[d.spec.name] = [((bits, r), float(layer_bytes(d.spec, r, config, weight.element_size(), bits)),
+        options[d.spec.name] = [((bits, r), float(layer_bytes(d.spec, r, bits, d.group_size, weight.element_size())),
                                  weight_of * float(curve[r])) for bits, curve in curves.items() for r in option_ranks(limit)]
         numbers += d.spec.out_features * d.spec.in_features
-    budget = config.target_bits_per_weight * numbers / 8
+    budget = settings.target_bits_per_weight * numbers / 8
     try:
         chosen = choose_options(options, budget=budget)
     except ValueError as err:
-        raise ValueError(f"target_bits_per_weight {config.target_bits_per_weight} cannot be met with bit_choices "
-                         f"{config.bit_choices} ({err})") from None
-    keys = {n: o[0] for n, o in chosen.items()}
-    ranks = {n: int(k[1]) for n, k in keys.items()}  # type: ignore[index]
-    layer_bits = {n: int(k[0]) for n, k in keys.items() if k[0] != config.residual_bits}  # type: ignore[index]
+        raise ValueError(f"target_bits_per_weight {settings.target_bits_per_weight} cannot be met with bit_choices "
+                         f"{list(settings.bit_choices)} ({err})") from None
+    keys = {n: cast(tuple[int, int], o[0]) for n, o in chosen.items()}
     total = sum(o[2] for o in chosen.values())
-    config.prediction = {"weighted": ids is not None, "objective": total,
-                         "perplexity_ratio": math.exp(total) if ids is not None else None}
-    logger.info("hf_svdq: mixed budget: %d of %d layers at other bits than %d; objective %.4g%s", len(layer_bits), len(keys),
-                config.residual_bits, total, f" (predicted perplexity ratio {math.exp(total):.4f})" if ids is not None else "")
-    return ranks, layer_bits
+    prediction = {"weighted": ids is not None, "objective": total,
+                  "perplexity_ratio": math.exp(total) if ids is not None else None}
+    logger.info("hf_svdq: mixed budget: %d of %d layers at other bits than %s; objective %.4g%s",
+                sum(k[0] != settings.residual_bits for k in keys.values()), len(keys), settings.residual_bits, total,
+                f" (predicted perplexity ratio {math.exp(total):.4f})" if ids is not None else "")
+    return MixedBudget({n: int(k[1]) for n, k in keys.items()}, {n: int(k[0]) for n, k in keys.items()}, prediction)
+
+
+@dataclass(frozen=True)
+class CompressionResult:
+    """What :func:`compress_model` did: the final plan (ranks and bits resolved, layers the break-even
+    guard kept dense marked so) and, for a calibrated mixed budget, its predicted quality."""
+
+    decisions: list[LayerDecision]
+    prediction: dict[str, Any] | None = None
+
+
+def resolve_budget(model: nn.Module, targets: Sequence[LayerDecision], settings: CompressionSettings,
+                   grams: Mapping[str, torch.Tensor], ids: torch.Tensor | None) -> tuple[list[LayerDecision], dict[str, Any] | None]:
+    """``targets`` with the ranks (and, with ``bit_choices``, the base bits) a global budget gives them;
+    unchanged without a budget. Also returns a mixed budget's prediction."""
+    if settings.budgeted and settings.bit_choices:
+        mixed = mixed_budget(model, targets, settings, grams, ids)
+        return [replace(d, rank=mixed.ranks[d.spec.name], bits=mixed.bits[d.spec.name]) for d in targets], mixed.prediction
+    if settings.budgeted:
+        ranks = budget_ranks(model, targets, settings, grams)
+        return [replace(d, rank=ranks[d.spec.name]) for d in targets], None
+    return list(targets), None
 
 
 def compress_model(
-    model: nn.Module, config: SVDQuantConfig, decisions: Sequence[LayerDecision], ids: torch.Tensor | None,
+    model: nn.Module, settings: CompressionSettings, decisions: Sequence[LayerDecision], ids: torch.Tensor | None,
     progress: bool = True,
-) -> list[LayerDecision]:
-    """Replace every layer with a rank decision (``rank`` int, or -1 = from data) in place.
-
-    Returns the final decisions (ranks resolved; layers the break-even guard kept dense marked so).
-    """
+) -> CompressionResult:
+    """Replace every layer ``decisions`` plans compressed (a rank, or ``RANK_FROM_DATA``) in place,
+    calibrated on ``ids`` when given (block by block when ``settings.sequential``)."""
     targets = [d for d in decisions if d.rank is not None]
-    calibration = config.calibration
-    batch = calibration.batch_size if calibration is not None else 8
-    sequential = ids is not None and calibration is not None and calibration.sequential
+    sequential = ids is not None and settings.sequential
     grams: dict[str, torch.Tensor] = {}
-    budgeted = config.target_bits_per_weight is not None or config.target_param_ratio is not None
-    if ids is not None and (not sequential or budgeted):
-        grams = dense_grams(model, [d.spec.name for d in targets], ids, batch,
-                            calibration.stats_cache if calibration else None, progress)
-    fixed: dict[str, int | None] = {d.spec.name: (d.rank if d.rank is not None and d.rank >= 0 else None) for d in targets}
-    if budgeted and config.bit_choices:
-        ranks, config.layer_bits = mixed_budget(model, targets, config, grams, ids)
-        fixed.update(ranks)
-    elif budgeted:
-        fixed.update(budget_ranks(model, targets, config, grams))
-
-    results: dict[str, tuple[nn.Module | None, int]] = {}
+    if ids is not None and (not sequential or settings.budgeted):
+        grams = dense_grams(model, [d.spec.name for d in targets], ids, settings.batch_size, settings.stats_cache, progress)
+    targets, prediction = resolve_budget(model, targets, settings, grams, ids)
     by_name = {d.spec.name: d for d in targets}
+    results: dict[str, tuple[nn.Module | None, int]] = {}
 
     def do(name: str, gram: torch.Tensor | None) -> None:
-        module = model.get_submodule(name)
-        new, rank = compress_layer(module, by_name[name].spec, fixed[name], config, gram)
+        new, rank = compress_layer(model.get_submodule(name), by_name[name], settings, gram)
         results[name] = (new, rank)
         if new is not None:
             model.set_submodule(name, new)
@@ -229,36 +264,41 @@ def compress_model(
 
     if sequential:
         assert ids is not None
-        prefix, blocks = find_blocks(model)
-        hidden, kwargs = block_inputs(model, blocks, ids, batch)
-        done: set[str] = set()
-        for index, block in enumerate(tqdm(blocks, desc="calibrated compression", disable=not progress)):
-            block_prefix = f"{prefix}.{index}."
-            names = [n[len(block_prefix):] for n in by_name if n.startswith(block_prefix)]
-            for group in input_groups(block, names, hidden[0], kwargs[index]) if names else []:
-                group_grams = block_grams(block, group, hidden, kwargs[index])
-                for local in group:
-                    do(block_prefix + local, group_grams[local])
-                    done.add(block_prefix + local)
-            with torch.no_grad():
-                hidden = [run_block(block, h, kwargs[index]) for h in hidden]
-        rest = [n for n in by_name if n not in done]
-        if rest:
-            extra = dense_grams(model, rest, ids, batch, None, progress)
-            for name in rest:
-                do(name, extra.get(name))
+        _compress_block_by_block(model, list(by_name), ids, settings.batch_size, do, progress)
     else:
         for name in tqdm(list(by_name), desc="compressing", disable=not progress):
             do(name, grams.get(name))
-
     final = []
     for d in decisions:
         if d.rank is None:
             final.append(d)
             continue
         new, rank = results[d.spec.name]
-        if new is None:
-            final.append(LayerDecision(d.spec, None, f"break-even: rank {rank} is not smaller than dense"))
-        else:
-            final.append(LayerDecision(d.spec, rank, d.reason))
-    return final
+        planned = by_name[d.spec.name]
+        final.append(replace(planned, rank=rank) if new is not None
+                     else LayerDecision(d.spec, None, f"break-even: rank {rank} is not smaller than dense"))
+    return CompressionResult(final, prediction)
+
+
+def _compress_block_by_block(model: nn.Module, names: Sequence[str], ids: torch.Tensor, batch: int,
+                             do: Callable[[str, torch.Tensor | None], None], progress: bool) -> None:
+    """Call ``do(name, gram)`` for every layer, block by block, each gram taken on the outputs of the
+    blocks already compressed (layers outside the blocks last, on dense statistics)."""
+    prefix, blocks = find_blocks(model)
+    hidden, kwargs = block_inputs(model, blocks, ids, batch)
+    done: set[str] = set()
+    for index, block in enumerate(tqdm(blocks, desc="calibrated compression", disable=not progress)):
+        block_prefix = f"{prefix}.{index}."
+        local_names = [n[len(block_prefix):] for n in names if n.startswith(block_prefix)]
+        for group in input_groups(block, local_names, hidden[0], kwargs[index]) if local_names else []:
+            group_grams = block_grams(block, group, hidden, kwargs[index])
+            for local in group:
+                do(block_prefix + local, group_grams[local])
+                done.add(block_prefix + local)
+        with torch.no_grad():
+            hidden = [run_block(block, h, kwargs[index]) for h in hidden]
+    rest = [n for n in names if n not in done]
+    if rest:
+        extra = dense_grams(model, rest, ids, batch, None, progress)
+        for name in rest:
+            do(name, extra.get(name))

@@ -1,7 +1,10 @@
-"""Which layers get compressed, at which rank: the resolution of a config against a model.
+"""The planner: a config resolved once against a model into plain data.
 
-:func:`resolve_plan` is pure (layer specs in, decisions out) so it is testable without a model;
-:func:`find_linear_layers` and :func:`protected_layers` read a (meta) model.
+:func:`compression_settings` turns a :class:`~hf_svdq.SVDQuantConfig` into :class:`CompressionSettings`
+and :func:`resolve_plan` / :func:`plan_from_resolved` into one :class:`LayerDecision` per Linear
+(method, rank, base bits, group size). This is the only compression module that reads the config:
+the algorithms below it take those values. Both are pure (layer specs in, decisions out), so they
+are testable without a model; :func:`find_linear_layers` and :func:`protected_layers` read a (meta) model.
 """
 
 from __future__ import annotations
@@ -9,40 +12,32 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from torch import nn
 
-from ..format.layout import LayerShape, layer_nbytes
 from ..integration.config import SVDQuantConfig
 from ..integration.patterns import first_match, unmatched
 from ..nn.low_rank import SVDQLinear, is_conv1d
+from .decisions import RANK_FROM_DATA, CompressionSettings, LayerDecision, LinearSpec, layer_bytes
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class LinearSpec:
-    """A layer hf_svdq can compress: ``nn.Linear`` or GPT-2 ``Conv1D`` (``transposed``)."""
-
-    name: str
-    out_features: int
-    in_features: int
-    bias: bool
-    transposed: bool = False
-
-
-RANK_FROM_DATA = -1
-"""``LayerDecision.rank`` of a layer to compress whose rank is decided from its weights or activations."""
-
-
-@dataclass(frozen=True)
-class LayerDecision:
-    """``rank`` is None when the layer stays dense; ``reason`` says why (or notes a clamp)."""
-
-    spec: LinearSpec
-    rank: int | None
-    reason: str = ""
+def compression_settings(config: SVDQuantConfig) -> CompressionSettings:
+    """The config's algorithm parameters as plain data (see :class:`CompressionSettings`). A resolved
+    config (``ranks`` set) keeps no budget: its ranks and layer bits are authoritative."""
+    calibration = config.calibration
+    budget = not config.is_resolved
+    return CompressionSettings(
+        residual_bits=config.residual_bits, group_size=config.group_size, residual_method=config.residual_method,
+        refine_steps=config.refine_steps, damp=config.damp, energy=config.energy, rank_floor=config.rank_floor,
+        target_bits_per_weight=config.target_bits_per_weight if budget else None,
+        target_param_ratio=config.target_param_ratio if budget else None,
+        bit_choices=tuple(config.bit_choices) if budget and config.bit_choices else None,
+        calibrated=calibration is not None, batch_size=calibration.batch_size if calibration is not None else 8,
+        sequential=calibration is not None and calibration.sequential,
+        stats_cache=calibration.stats_cache if calibration is not None else None,
+    )
 
 
 def find_linear_layers(model: nn.Module) -> list[LinearSpec]:
@@ -107,19 +102,21 @@ def resolve_plan(
         if config.residual_bits is not None and spec.in_features % (config.group_size or spec.in_features):
             decisions.append(LayerDecision(spec, None, f"group_size {config.group_size} does not divide in_features {spec.in_features}"))
             continue
+        bits = config.bits_for(spec.name)
+        group = config.group_size if bits is not None else None
         if data_rank:
-            decisions.append(LayerDecision(spec, RANK_FROM_DATA))
+            decisions.append(LayerDecision(spec, RANK_FROM_DATA, bits=bits, group_size=group))
             continue
         rule = next(((p, r) for p, r in rank_rules if p.matches(spec.name)), None)
         if rule is None:
             decisions.append(LayerDecision(spec, None, "no rank pattern matched"))
             continue
-        decisions.append(_decide_rank(spec, rule[1], dense_element_bytes, config))
-    _check_group_size(decisions, config)
+        decisions.append(_decide_rank(spec, rule[1], dense_element_bytes, bits, group))
+    _check_group_size(decisions, config.group_size)
     return decisions
 
 
-def _check_group_size(decisions: Sequence[LayerDecision], config: SVDQuantConfig) -> None:
+def _check_group_size(decisions: Sequence[LayerDecision], group_size: int | None) -> None:
     """A group size that divides no eligible layer's width would leave the whole model dense: an error.
     One that divides only some leaves the others dense: a warning naming how many and the widths."""
     misfit = [d for d in decisions if d.rank is None and d.reason.startswith("group_size")]
@@ -127,33 +124,26 @@ def _check_group_size(decisions: Sequence[LayerDecision], config: SVDQuantConfig
         return
     widths = sorted({d.spec.in_features for d in misfit})
     if not any(d.rank is not None for d in decisions):
-        raise ValueError(f"group_size {config.group_size} divides the input width of none of the {len(misfit)} eligible layers "
+        raise ValueError(f"group_size {group_size} divides the input width of none of the {len(misfit)} eligible layers "
                          f"(widths {widths}): every layer would stay dense; choose a divisor of those widths")
-    warnings.warn(f"group_size {config.group_size} does not divide the input width {widths} of {len(misfit)} layer(s), "
+    warnings.warn(f"group_size {group_size} does not divide the input width {widths} of {len(misfit)} layer(s), "
                   f"e.g. {misfit[0].spec.name}: they stay dense (bits per weight over compressed layers leave them out)",
                   UserWarning, stacklevel=4)
 
 
-def layer_bytes(spec: LinearSpec, rank: int, config: SVDQuantConfig, scale_bytes: int, bits: int | None = None) -> int:
-    """Stored bytes of one compressed layer at ``rank`` (bias excluded), for either layout; ``bits``
-    overrides the layer's base width (default: :meth:`SVDQuantConfig.bits_for`)."""
-    bits = bits if bits is not None else config.bits_for(spec.name)
-    shape = LayerShape(spec.out_features, spec.in_features, rank, bits, config.group_size if bits is not None else None)
-    return layer_nbytes(shape, scale_bytes) if bits is not None or rank else 0
-
-
-def _decide_rank(spec: LinearSpec, requested: int, dense_element_bytes: int, config: SVDQuantConfig) -> LayerDecision:
+def _decide_rank(spec: LinearSpec, requested: int, dense_element_bytes: int, bits: int | None,
+                 group_size: int | None) -> LayerDecision:
     full = min(spec.out_features, spec.in_features)
     rank, note = requested, ""
     if requested > full:
         rank, note = full, f"rank {requested} clamped to min(out, in) = {full}"
-    if config.residual_bits is None and rank >= spec.in_features:
+    if bits is None and rank >= spec.in_features:
         return LayerDecision(spec, None, f"full rank: rank {rank} >= in_features {spec.in_features}, nothing to truncate")
-    stored = layer_bytes(spec, rank, config, dense_element_bytes)
+    stored = layer_bytes(spec, rank, bits, group_size, dense_element_bytes)
     dense = spec.out_features * spec.in_features * dense_element_bytes
     if stored >= dense:
         return LayerDecision(spec, None, f"break-even: rank-{rank} compressed layer takes {stored} B >= dense {dense} B")
-    return LayerDecision(spec, rank, note)
+    return LayerDecision(spec, rank, note, bits, group_size)
 
 
 def plan_from_resolved(specs: Sequence[LinearSpec], config: SVDQuantConfig) -> list[LayerDecision]:
@@ -188,7 +178,8 @@ def plan_from_resolved(specs: Sequence[LinearSpec], config: SVDQuantConfig) -> l
                 "weight (low rank needs 1 <= rank < in_features; residual mode 0 <= rank <= min(out, in))"
             )
         else:
-            decisions.append(LayerDecision(spec, rank))
+            bits = config.bits_for(spec.name)
+            decisions.append(LayerDecision(spec, rank, bits=bits, group_size=config.group_size if bits is not None else None))
     return decisions
 
 
@@ -205,11 +196,3 @@ def log_plan(decisions: Sequence[LayerDecision]) -> None:
         level = logging.WARNING if kind in ("break-even", "full", "rank") else logging.INFO
         logger.log(level, "hf_svdq: %d layer(s) %s, e.g. %s: %s", len(members),
                    "kept dense" if example.rank is None else "adjusted", example.spec.name, example.reason)
-
-
-def recorded_dense(decisions: Sequence[LayerDecision]) -> dict[str, str]:
-    return {d.spec.name: d.reason for d in decisions if d.rank is None}
-
-
-def recorded_ranks(decisions: Sequence[LayerDecision]) -> dict[str, int]:
-    return {d.spec.name: d.rank for d in decisions if d.rank is not None}

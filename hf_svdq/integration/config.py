@@ -11,6 +11,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..algorithms.groupquant import SUPPORTED_BITS
 from ..calibration.source import CalibrationConfig
+from ..compression.decisions import RESIDUAL_METHODS
 from ..format.layout import FORMAT_VERSION, QUANT_METHOD
 from .patterns import Pattern, compile_pattern, compile_patterns
 
@@ -374,7 +375,8 @@ def _group_size(group_size: object, residual_bits: int | None) -> int | None:
 
 
 def _residual_method(method: object, residual_bits: int | None, calibrated: bool) -> str | None:
-    _require(method in (None, "rtn", "mse", "gptq"), f"residual_method must be 'rtn', 'mse', 'gptq' or None, got {method!r}")
+    _require(method is None or method in RESIDUAL_METHODS,
+             f"residual_method must be one of {list(RESIDUAL_METHODS)} or None, got {method!r}")
     _require(method != "gptq" or calibrated, "residual_method 'gptq' needs calibration data (calibration=...)")
     if method is None and residual_bits is not None:
         return "gptq" if calibrated else "rtn"

@@ -28,15 +28,14 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 
 from ..algorithms.linalg import low_rank_int8
+from ..compression.decisions import LayerDecision, recorded_dense, recorded_layer_bits, recorded_ranks
 from ..compression.memory import release_free_memory
 from ..compression.plan import (
-    LayerDecision,
+    compression_settings,
     find_linear_layers,
     log_plan,
     plan_from_resolved,
     protected_layers,
-    recorded_dense,
-    recorded_ranks,
     resolve_plan,
 )
 from ..format import layout as fmt
@@ -83,7 +82,7 @@ class SVDQuantizer(HfQuantizer):
         if config.is_resolved:
             decisions = plan_from_resolved(specs, config)
             if self.pre_quantized:
-                _check_checkpoint(kwargs.get("checkpoint_files"), decisions, config, model)
+                _check_checkpoint(kwargs.get("checkpoint_files"), decisions, model)
         else:
             decisions = resolve_plan(specs, config, protected_layers(model), _element_bytes(model))
         self._decisions = decisions
@@ -94,7 +93,7 @@ class SVDQuantizer(HfQuantizer):
             log_plan(decisions)
         for decision in decisions:
             if decision.rank is not None:
-                _swap_in(model, decision.spec.name, decision.rank, config, dense_placeholder=not self.pre_quantized)
+                _swap_in(model, decision, dense_placeholder=not self.pre_quantized)
 
     def param_needs_quantization(self, model: PreTrainedModel, param_name: str, **kwargs: Any) -> bool:
         if self.pre_quantized:
@@ -118,9 +117,12 @@ class SVDQuantizer(HfQuantizer):
             ids = None
             if config.calibration is not None:
                 ids = config.calibration.token_ids(_calibration_tokenizer(model, config), model)
-            decisions = compress_model(model, config, self._decisions, ids)
-            config.ranks, config.dense = recorded_ranks(decisions), recorded_dense(decisions)
-            log_plan(decisions)
+            result = compress_model(model, compression_settings(config), self._decisions, ids)
+            config.ranks, config.dense = recorded_ranks(result.decisions), recorded_dense(result.decisions)
+            if config.bit_choices:  # a mixed budget chose each layer's bits: record the ones that differ
+                config.layer_bits = recorded_layer_bits(result.decisions, config.residual_bits)
+            config.prediction = result.prediction
+            log_plan(result.decisions)
             _attach_hub(model)
             _maybe_int8_head(model, config)
             return
@@ -217,8 +219,7 @@ class SVDQuantizeOp(ConversionOps):
         return {}
 
 
-def _check_checkpoint(files: list[str] | None, decisions: list[LayerDecision], config: SVDQuantConfig,
-                      model: nn.Module | None = None) -> None:
+def _check_checkpoint(files: list[str] | None, decisions: list[LayerDecision], model: nn.Module | None = None) -> None:
     """Refuse a checkpoint whose factor tensors are missing or misshapen, that is not safetensors, or
     whose folder holds both a single-file and a sharded save (one of them stale), before anything loads."""
     if not files:
@@ -238,8 +239,7 @@ def _check_checkpoint(files: list[str] | None, decisions: list[LayerDecision], c
                 raise ValueError(f"checkpoint tensor {name} has shape {list(shape)}; the model expects {list(shapes[name])}")
     for d in decisions:
         if d.rank is not None:
-            check_layer(headers, d.spec.name, d.spec.out_features, d.spec.in_features, d.rank,
-                        config.bits_for(d.spec.name), config.group_size)
+            check_layer(headers, d.spec.name, d.spec.out_features, d.spec.in_features, d.rank, d.bits, d.group_size)
 
 
 def _calibration_tokenizer(model: nn.Module, config: SVDQuantConfig) -> Any:
@@ -273,27 +273,23 @@ def _element_bytes(model: nn.Module) -> int:
     return 4
 
 
-def _swap_in(model: nn.Module, name: str, rank: int, config: SVDQuantConfig, dense_placeholder: bool) -> None:
+def _swap_in(model: nn.Module, decision: LayerDecision, dense_placeholder: bool) -> None:
+    """Put the (meta) compressed module ``decision`` plans in place of its dense layer."""
+    name, rank = decision.spec.name, decision.rank
+    assert rank is not None
     old = model.get_submodule(name)
     if isinstance(old, COMPRESSED_LAYERS):
         return
     weight, transposed = dense_weight_of(old)
     out_features, in_features = weight.shape
-    if config.residual_bits is not None:  # only reached on reload: residual mode compresses after load
+    bias = getattr(old, "bias", None) is not None
+    if decision.bits is not None:  # only reached on reload: residual mode compresses after load
         model.set_submodule(name, SVDQResidualLinear(
-            in_features, out_features, rank, config.bits_for(name) or config.residual_bits, config.group_size or in_features,
-            bias=getattr(old, "bias", None) is not None, dtype=weight.dtype, device="meta", transposed=transposed,
+            in_features, out_features, rank, decision.bits, decision.group_size or in_features,
+            bias=bias, dtype=weight.dtype, device="meta", transposed=transposed,
         ))
         return
-    new = SVDQLinear(
-        in_features,
-        out_features,
-        rank,
-        bias=getattr(old, "bias", None) is not None,
-        dtype=weight.dtype,
-        device="meta",
-        transposed=transposed,
-    )
+    new = SVDQLinear(in_features, out_features, rank, bias=bias, dtype=weight.dtype, device="meta", transposed=transposed)
     if dense_placeholder:
         # Quantize-on-load: the dense weight must reach SVDQuantizeOp in its float load dtype. A float
         # placeholder stops transformers <= 5.20 from casting it to the int8 dtype of the factor first.
