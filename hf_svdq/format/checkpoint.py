@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from safetensors import safe_open
 
@@ -64,6 +65,13 @@ def safetensors_files(folder: str | os.PathLike[str]) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no *.safetensors file in {folder}")
     return files
+
+
+def tensor_owners(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """``{tensor name: open safetensors handle holding it}`` over a saved folder's weight files
+    (:func:`safetensors_files`), for reading tensors one at a time."""
+    handles = [safe_open(str(f), framework="pt") for f in safetensors_files(folder)]
+    return {key: handle for handle in handles for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
 
 
 def expected_tensors(

@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..algorithms.groupquant import dequantize_groups, unpack_codes
 from ..format import layout as fmt
-from ..format.checkpoint import TOKENIZER_FILES, safetensors_files
+from ..format.checkpoint import TOKENIZER_FILES, tensor_owners
 from ..integration.config import SVDQuantConfig
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -140,9 +139,7 @@ def export_awq_lora(checkpoint: str | Path, out_dir: str | Path, *, dtype: str =
     folder, out = Path(checkpoint), Path(out_dir)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     qconfig = _awq_compatible(config)
-    files = safetensors_files(folder)
-    handles = [safe_open(str(f), framework="pt") for f in files]
-    owner = {k: h for h in handles for k in h.keys()}  # noqa: SIM118
+    owner = tensor_owners(folder)
 
     def get(name: str) -> torch.Tensor:
         return owner[name].get_tensor(name)
@@ -177,7 +174,7 @@ def export_awq_lora(checkpoint: str | Path, out_dir: str | Path, *, dtype: str =
         if (folder / extra).is_file():
             shutil.copyfile(folder / extra, out / extra)
     if lora:
-        for name, (a, b) in lora.items():
+        for a, b in lora.values():
             note(f"LoRA pairs ({dtype})", a.to(target), a)
             note(f"LoRA pairs ({dtype})", b.to(target), b)
         result.lora_rank = _write_adapter(out / ADAPTER_DIR, lora, target)

@@ -33,12 +33,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..algorithms.groupquant import dequantize_groups, unpack_codes
 from ..format import layout as fmt
-from ..format.checkpoint import safetensors_files
+from ..format.checkpoint import tensor_owners
 from ..integration.config import SVDQuantConfig
 
 CHKTXT = (
@@ -214,9 +213,7 @@ def export_gguf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str |
     base, lora = _writers(result.base, out / "lora.gguf", arch)
     _model_metadata(base, config)
     _tokenizer_metadata(base, Path(tokenizer) if tokenizer is not None else folder, config["vocab_size"])
-    files = safetensors_files(folder)
-    handles = [safe_open(str(f), framework="pt") for f in files]
-    owner = {k: h for h in handles for k in h.keys()}  # noqa: SIM118
+    owner = tensor_owners(folder)
     has_lora = False
     for hf_name in tqdm(sorted(owner), desc="exporting to GGUF", disable=not progress):
         layer, _, tensor_name = hf_name.rpartition(".")
@@ -234,14 +231,18 @@ def export_gguf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str |
             tensor = permute_rows(tensor, heads if "q_proj" in hf_name else kv_heads)
         base.add_tensor(gguf_name, tensor.numpy())
         result.tensors[gguf_name] = "F16" if tensor.dtype == torch.float16 else "F32"
-    for writer in (base, lora) if has_lora else (base,):
+    _write_files((base, lora) if has_lora else (base,), progress)
+    if has_lora:
+        result.adapter = out / "lora.gguf"
+    return result
+
+
+def _write_files(writers: tuple[Any, ...], progress: bool) -> None:
+    for writer in writers:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
         writer.close()
-    if has_lora:
-        result.adapter = out / "lora.gguf"
-    return result
 
 
 def _write_layer(base: Any, lora: Any, owner: dict[str, Any], layer: str, qconfig: SVDQuantConfig, names: Any,
