@@ -55,6 +55,21 @@ def test_card_metadata_and_tables(compressed, tmp_path):
     assert again.data.base_model == data["base_model"]
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_card_format_section_is_the_declared_layout(residual, tiny_checkpoint, tmp_path):
+    from hf_svdq.format.layout import BASE_TENSORS, CORRECTION_TENSORS, LOW_RANK_TENSORS, markdown_table
+
+    config = SVDQuantConfig(rank=4, residual_bits=4, group_size=16) if residual else SVDQuantConfig(rank=4)
+    AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"), quantization_config=config).save_pretrained(tmp_path)
+    text = str(build_model_card(tmp_path, "user/x"))
+    assert markdown_table(residual) in text
+    expected = BASE_TENSORS + CORRECTION_TENSORS if residual else LOW_RANK_TENSORS
+    for spec in expected:
+        assert f"`<m>.{spec.name}` | `{spec.shape_doc}` | {spec.dtype}" in text
+    if residual:
+        assert "codes" in text and "U sqrt(S)" not in text
+
+
 def test_card_without_measurements_says_so(compressed):
     card = build_model_card(compressed, "user/x", tags=["my-tag", "svdq"])
     assert "Not measured for this upload" in card.text and card.data.base_model is None

@@ -122,11 +122,22 @@ def layer_nbytes(shape: LayerShape, float_bytes: int) -> int:
     return sum(math.prod(t.shape(shape)) * DTYPE_BYTES.get(t.dtype, float_bytes) for t in layer_tensors(shape))
 
 
-def markdown_tables() -> str:
-    """The README's tables of both layouts, rendered from the declarations above."""
-    def table(title: str, specs: tuple[TensorSpec, ...]) -> str:
-        rows = "\n".join(f"| `<m>.{t.name}` | `{t.shape_doc}` | {t.dtype} | {t.meaning} |" for t in specs)
-        return f"{title}\n\n| tensor | shape | dtype | meaning |\n|---|---|---|---|\n{rows}\n"
+def _table(title: str, specs: tuple[TensorSpec, ...]) -> str:
+    rows = "\n".join(f"| `<m>.{t.name}` | `{t.shape_doc}` | {t.dtype} | {t.meaning} |" for t in specs)
+    return f"{title}\n\n| tensor | shape | dtype | meaning |\n|---|---|---|---|\n{rows}\n"
 
-    return (table("Low-rank layout (`residual_bits` unset):", LOW_RANK_TENSORS) + "\n"
-            + table("Residual layout (`residual_bits` set; `g` = `group_size`):", BASE_TENSORS + CORRECTION_TENSORS))
+
+LOW_RANK_TITLE = "Low-rank layout (`residual_bits` unset):"
+RESIDUAL_TITLE = "Residual layout (`residual_bits` set; `g` = `group_size`):"
+
+
+def markdown_table(residual: bool) -> str:
+    """One layout's table (the README's and each model card's), rendered from the declarations above."""
+    if residual:
+        return _table(RESIDUAL_TITLE, BASE_TENSORS + CORRECTION_TENSORS)
+    return _table(LOW_RANK_TITLE, LOW_RANK_TENSORS)
+
+
+def markdown_tables() -> str:
+    """The README's tables of both layouts."""
+    return markdown_table(residual=False) + "\n" + markdown_table(residual=True)
