@@ -102,12 +102,7 @@ def heal(
     (``[n, seq_len]`` token ids, e.g. ``CalibrationConfig.token_ids``) for ``steps`` steps of
     ``batch_size`` sequences; factors are written back as INT8 in place. ``ValueError`` when the model
     has no low-rank factors or the arguments are out of range."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"healing steps must be a positive int, got {steps!r}")
-    if not lr > 0:
-        raise ValueError(f"healing lr must be positive, got {lr!r}")
-    if ids.dim() != 2 or ids.shape[0] < 1:
-        raise ValueError(f"healing ids must be [n_samples, seq_len], got shape {tuple(ids.shape)}")
+    _check_arguments(steps, lr, ids)
     names = [n for n, m in model.named_modules()
              if isinstance(m, SVDQLinear) or (isinstance(m, SVDQResidualLinear) and m.rank > 0)]
     if not names:
@@ -122,19 +117,10 @@ def heal(
     for name in names:
         wrappers[name] = _FloatFactors(model.get_submodule(name))
         model.set_submodule(name, wrappers[name])
-    params = [p for w in wrappers.values() for p in (w.left, w.right)]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    generator = torch.Generator().manual_seed(seed)
     model.train()
     try:
-        for _ in tqdm(range(steps), desc="healing", disable=not progress):
-            batch = ids[torch.randint(0, ids.shape[0], (min(batch_size, ids.shape[0]),), generator=generator)]
-            with torch.no_grad():
-                target = teacher(batch).logits
-            loss = _kl(model(batch).logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        _distil(model, teacher, ids, [p for w in wrappers.values() for p in (w.left, w.right)], steps, lr, batch_size,
+                seed, progress)
     finally:
         for name, wrapper in wrappers.items():
             with torch.no_grad():
@@ -147,6 +133,30 @@ def heal(
     logger.info("hf_svdq: healed %d layers in %d steps: KL %.4f -> %.4f on %d tokens (%.0f s)", result.layers, steps,
                 before, after, result.tokens, result.seconds)
     return result
+
+
+def _check_arguments(steps: object, lr: float, ids: torch.Tensor) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"healing steps must be a positive int, got {steps!r}")
+    if not lr > 0:
+        raise ValueError(f"healing lr must be positive, got {lr!r}")
+    if ids.dim() != 2 or ids.shape[0] < 1:
+        raise ValueError(f"healing ids must be [n_samples, seq_len], got shape {tuple(ids.shape)}")
+
+
+def _distil(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, params: list[torch.Tensor], steps: int, lr: float,
+            batch_size: int, seed: int, progress: bool) -> None:
+    """``steps`` Adam steps on ``params`` minimising KL(teacher || model) on random batches of ``ids``."""
+    optimizer = torch.optim.Adam(params, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(steps), desc="healing", disable=not progress):
+        batch = ids[torch.randint(0, ids.shape[0], (min(batch_size, ids.shape[0]),), generator=generator)]
+        with torch.no_grad():
+            target = teacher(batch).logits
+        loss = _kl(model(batch).logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
 
 def heal_with_config(model: Any, teacher: Any, tokenizer: Any, steps: int, lr: float = 1e-4) -> HealingResult:

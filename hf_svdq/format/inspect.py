@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import layout as fmt
-from .checkpoint import expected_tensors, read_headers, safetensors_files
+from .checkpoint import TensorHeaders, expected_tensors, read_headers, safetensors_files
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -86,37 +86,13 @@ def checkpoint_report(folder: str | Path) -> CheckpointReport:
     dense_notes: dict[str, str] = qconfig.get("dense") or {}
 
     rows, compressed_tensors = [], set[str]()
-    residual_bits, group_size = qconfig.get("residual_bits"), qconfig.get("group_size")
     layer_bits: dict[str, int] = qconfig.get("layer_bits") or {}
     for name, rank in ranks.items():
-        bits = layer_bits.get(name, residual_bits)
-        first = f"{name}.{fmt.LEFT}"
-        if first not in headers:
-            raise ValueError(f"{folder}: compressed layer {name} lacks tensor {first}")
-        shape = headers[first][0]
-        if bits is None:
-            out_features, in_features = shape[0], headers.get(f"{name}.{fmt.RIGHT}", ((0, 0), ""))[0][1]
-            scale_dtype = headers.get(f"{name}.{fmt.LEFT_SCALE}", ((), "F32"))[1]
-        else:
-            out_features, in_features = shape[0], shape[1] * shape[2] * 8 // bits
-            scale_dtype = headers.get(f"{name}.{fmt.CORR_LEFT_SCALE}", headers.get(f"{name}.bias", ((), "F32")))[1]
-        expected = expected_tensors(name, out_features, in_features, rank, bits, group_size)
-        missing = [n for n in expected if n not in headers]
-        if missing:
-            raise ValueError(f"{folder}: compressed layer {name} lacks tensor(s) {missing}")
-        stored = sum(_nbytes(*headers[n]) for n in expected)
-        dense = out_features * in_features * _DTYPE_BYTES.get(scale_dtype, 4)
-        rows.append(LayerRow(name, out_features, in_features, rank, dense, stored, ""))
+        bits = layer_bits.get(name, qconfig.get("residual_bits"))
+        row, expected = _compressed_row(folder, headers, name, rank, bits, qconfig.get("group_size"))
+        rows.append(row)
         compressed_tensors.update(expected)
-    for name, note in dense_notes.items():
-        key = f"{name}.weight"
-        if key not in headers:  # a head tied to the embedding is stored once, under the embedding
-            rows.append(LayerRow(name, 0, 0, None, 0, 0, f"{note} (tied: stored with the weight it is tied to)"))
-            continue
-        shape, dtype = headers[key]
-        out_features, in_features = shape[0], shape[-1]  # as stored (GPT-2 Conv1D stores [in, out])
-        size = _nbytes(shape, dtype)
-        rows.append(LayerRow(name, out_features, in_features, None, size, size, note))
+    rows.extend(_dense_row(headers, name, note) for name, note in dense_notes.items())
     rows.sort(key=lambda r: r.name)
 
     total = sum(_nbytes(*v) for v in headers.values())
@@ -124,6 +100,37 @@ def checkpoint_report(folder: str | Path) -> CheckpointReport:
     params = sum(_numel(shape) for key, (shape, _) in headers.items() if key not in compressed_tensors)
     params += sum(r.out_features * r.in_features for r in rows if r.rank is not None)
     return CheckpointReport(rows, total, dense_total, params, qconfig.get("format_version"))
+
+
+def _compressed_row(folder: Path, headers: TensorHeaders, name: str, rank: int, bits: int | None,
+                    group_size: int | None) -> tuple[LayerRow, list[str]]:
+    """A compressed layer's row, its dimensions read from its tensors' headers, and its tensor names."""
+    first = f"{name}.{fmt.LEFT}"
+    if first not in headers:
+        raise ValueError(f"{folder}: compressed layer {name} lacks tensor {first}")
+    shape = headers[first][0]
+    if bits is None:
+        out_features, in_features = shape[0], headers.get(f"{name}.{fmt.RIGHT}", ((0, 0), ""))[0][1]
+        scale_dtype = headers.get(f"{name}.{fmt.LEFT_SCALE}", ((), "F32"))[1]
+    else:
+        out_features, in_features = shape[0], shape[1] * shape[2] * 8 // bits
+        scale_dtype = headers.get(f"{name}.{fmt.CORR_LEFT_SCALE}", headers.get(f"{name}.bias", ((), "F32")))[1]
+    expected = list(expected_tensors(name, out_features, in_features, rank, bits, group_size))
+    missing = [n for n in expected if n not in headers]
+    if missing:
+        raise ValueError(f"{folder}: compressed layer {name} lacks tensor(s) {missing}")
+    stored = sum(_nbytes(*headers[n]) for n in expected)
+    dense = out_features * in_features * _DTYPE_BYTES.get(scale_dtype, 4)
+    return LayerRow(name, out_features, in_features, rank, dense, stored, ""), expected
+
+
+def _dense_row(headers: TensorHeaders, name: str, note: str) -> LayerRow:
+    key = f"{name}.weight"
+    if key not in headers:  # a head tied to the embedding is stored once, under the embedding
+        return LayerRow(name, 0, 0, None, 0, 0, f"{note} (tied: stored with the weight it is tied to)")
+    shape, dtype = headers[key]
+    size = _nbytes(shape, dtype)
+    return LayerRow(name, shape[0], shape[-1], None, size, size, note)  # as stored (GPT-2 Conv1D stores [in, out])
 
 
 def _numel(shape: tuple[int, ...]) -> int:
