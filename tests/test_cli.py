@@ -134,3 +134,30 @@ def test_compress_heals_when_asked(tiny_checkpoint, tmp_path, capsys):
     assert (out / "model.safetensors").is_file()
     assert main(["compress", str(tiny_checkpoint("llama")), str(tmp_path / "x"), "--rank", "8", "--heal-steps", "3"]) == 2
     assert "--heal-steps needs calibration" in capsys.readouterr().err
+
+
+def test_analyze_bit_choices_writes_a_mixed_bits_policy(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """``hf-svdq analyze --mode residual --bit-choices 4 8``: the option analysis through the CLI, on a tiny Llama
+    (its character tokenizer patched in), ends in a policy that ``SVDQuantConfig.from_policy`` loads."""
+    import transformers
+
+    from hf_svdq import SVDQuantConfig
+
+    from .conftest import CharTokenizer
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", classmethod(lambda cls, *a, **k: CharTokenizer()))
+    text, calibration = tmp_path / "eval.txt", tmp_path / "calib.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession. " * 20)
+    calibration.write_text("The quick brown fox jumps over the lazy dog, and then some more words follow. " * 40)
+    out = tmp_path / "options"
+    code = main(["analyze", str(tiny_checkpoint("llama")), "--text", str(text), "--out", str(out), "--mode", "residual",
+                 "--calibration", str(calibration), "--calib-samples", "2", "--calib-seq-len", "32", "--group-size", "32",
+                 "--target-bpw", "6", "--bit-choices", "4", "8", "--eval-tokens", "128", "--prompts", "1"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["bits_per_weight"] <= 6.0 + 1e-9 and summary["loops"] >= 0
+    policy = json.loads((out / "policy.json").read_text())
+    assert policy["setting"]["calibrated"] is True and policy["setting"]["group_size"] == 32
+    with pytest.warns(UserWarning, match="analysed with calibrated"):
+        config = SVDQuantConfig.from_policy(out / "policy.json")
+    assert config.ranks and config.residual_bits == 4
