@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..compression.decisions import RESIDUAL_METHODS
 from ..evaluation.check import DEFAULT_PROMPT
 from ..real_model import SMOLLM2_ALIAS
 from . import analyze as cli_analyze
@@ -32,7 +33,15 @@ def _parse_rank_map(text: str) -> dict[str, int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-svdq", description="Low-rank INT8 compression for transformers models.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_compress(sub)
+    _add_inspect_and_eval(sub)
+    cli_analyze.add_parser(sub)
+    cli_hub.add_parser(sub)
+    cli_export.add_parser(sub)
+    return parser
 
+
+def _add_compress(sub: Any) -> None:
     compress = sub.add_parser("compress", help="compress a model and save a reloadable checkpoint")
     compress.add_argument("model", help=f"local folder or Hub id; {SMOLLM2_ALIAS} = bundled SmolLM2-135M-Instruct")
     compress.add_argument("outdir", type=Path, help="output folder (written atomically; never the source or inside it)")
@@ -47,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--skip", nargs="*", default=[], metavar="PATTERN", help="module patterns kept dense")
     compress.add_argument("--residual-bits", type=int, choices=(4, 8), help="W ~ Q + L R: quantize, then low-rank the error")
     compress.add_argument("--group-size", type=int, default=64, help="quantization group size (residual mode)")
-    compress.add_argument("--residual-method", choices=("gptq", "mse", "rtn"), help="default: gptq when calibrated, else rtn")
+    compress.add_argument("--residual-method", choices=RESIDUAL_METHODS, help="default: gptq when calibrated, else rtn")
     compress.add_argument("--bit-choices", type=int, nargs="+", choices=(4, 8), metavar="BITS",
                           help="with --target-bpw: base widths each layer may get, e.g. 4 8 (mixed precision)")
     compress.add_argument("--heal-steps", type=int, default=0,
@@ -65,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--max-new-tokens", type=int, default=64, help="answer length in the check")
     compress.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+
+def _add_inspect_and_eval(sub: Any) -> None:
     inspect = sub.add_parser("inspect", help="per-layer table of a saved checkpoint")
     inspect.add_argument("checkpoint", help="checkpoint folder or Hub id")
     inspect.add_argument("--json", action="store_true")
@@ -80,10 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--prompts", type=Path, help="file with one generation prompt per line")
     evaluate.add_argument("--dtype", choices=_DTYPES, default="auto")
     evaluate.add_argument("--json", type=Path, help="also write the full result as JSON here")
-    cli_analyze.add_parser(sub)
-    cli_hub.add_parser(sub)
-    cli_export.add_parser(sub)
-    return parser
 
 
 def _torch_dtype(name: str) -> object:
