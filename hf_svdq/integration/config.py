@@ -167,7 +167,7 @@ class SVDQuantConfig(QuantizationConfigMixin):
         cls, bits_per_weight: float = 5.0, *, calibration: Any = "default", group_size: int = 64, **kwargs: Any
     ) -> SVDQuantConfig:
         """The mode we recommend: INT4 GPTQ (``group_size`` 64) plus a whitened INT8 low-rank correction of
-        its error, ``bits_per_weight`` in all (5.0: 1.026-1.043x dense perplexity on SmolLM2-135M), with one
+        its error, ``bits_per_weight`` in all (5.0: 1.026-1.044x dense perplexity on SmolLM2-135M), with one
         refinement step, calibrated on ``calibration`` (default: the bundled public-domain text).
         A string or list ``calibration`` gets 32 windows of 256 tokens (measured as good as 64 at half
         the time); ``kwargs`` go to the constructor (``skip``, ``int8_head``, ...)."""
