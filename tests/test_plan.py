@@ -90,3 +90,12 @@ def test_a_group_size_that_fits_no_layer_is_an_error_and_one_that_fits_some_warn
     with pytest.warns(UserWarning, match=r"group_size 48 does not divide the input width \[64\] of 1 layer\(s\), e.g. a"):
         decisions = resolve_plan(specs, SVDQuantConfig(rank=8, residual_bits=4, group_size=48), {}, 4)
     assert [d.rank for d in decisions] == [None, 8]
+
+
+def test_each_decision_names_its_method_bits_and_group():
+    residual = _plan(SVDQuantConfig(rank=8, residual_bits=4, group_size=32))
+    assert residual["lm_head"].method == "dense"
+    q = residual["model.layers.0.self_attn.q_proj"]
+    assert (q.method, q.bits, q.group_size) == ("residual", 4, 32)
+    low = _plan(SVDQuantConfig(rank=8))["model.layers.0.self_attn.q_proj"]
+    assert (low.method, low.bits, low.group_size) == ("low_rank", None, None)

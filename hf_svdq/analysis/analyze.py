@@ -261,6 +261,8 @@ def analyze_options(
     budget = budget_bits_per_weight if budget_bits_per_weight is not None else config.target_bits_per_weight
     if budget is None or budget <= 0:
         raise ValueError(f"option analysis needs a positive bits-per-weight budget, got {budget!r}")
+    if probe_samples < 1:
+        raise ValueError(f"probe_samples must be >= 1, got {probe_samples}")
     decisions, compression, ids = _plan(model, tokenizer, config)
     assert ids is not None
     return option_analysis(model, tokenizer, decisions, compression, ids, text, budget, probe_ranks, probe_samples,

@@ -215,10 +215,7 @@ def option_analysis(
 ) -> OptionAnalysis:
     """Probe every planned layer's residual options on calibration ``ids``, allocate the budget and
     measure the plan on ``text`` (see :func:`hf_svdq.analysis.analyze.analyze_options`, which plans)."""
-    if settings.residual_bits is None or not settings.bit_choices:
-        raise ValueError("option analysis needs residual mode with bit_choices (e.g. [4, 8])")
-    if probe_samples < 1:
-        raise ValueError(f"probe_samples must be >= 1, got {probe_samples}")
+    assert settings.bit_choices, "analyze_options validates the setting"
     timings: dict[str, float] = {}
     start = time.perf_counter()
     targets = [d for d in decisions if d.rank is not None]

@@ -188,7 +188,8 @@ def build_policy(
     _check_criterion(budget_bits_per_weight, max_ppl_ratio, pillars)
     group_of = {n: g for g, members in groups.items() for n in members}
     layer_class = {n: classes[g][0] for n, g in group_of.items() if g in classes}
-    layer_outlier = {n: (outliers or {})[g] for n, g in group_of.items() if g in (outliers or {})}
+    outliers = dict(outliers or {})
+    layer_outlier = {n: outliers[g] for n, g in group_of.items() if g in outliers}
     weights = _layer_weights(rows, spectra, groups, alone_kl)
     options: dict[str, list[tuple[object, float, float]]] = {}
     for r in rows:

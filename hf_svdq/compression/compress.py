@@ -66,7 +66,7 @@ def compress_layer(
     base: Any = None, whitener: Whitener | None = None,
 ) -> tuple[SVDQLinear | SVDQResidualLinear | None, int]:
     """A compressed replacement of ``module`` as ``decision`` plans it, and its rank; ``(None, rank)``
-    when the break-even guard keeps it dense. A :data:`~hf_svdq.compression.plan.RANK_FROM_DATA` rank
+    when the break-even guard keeps it dense. A :data:`~hf_svdq.compression.decisions.RANK_FROM_DATA` rank
     is chosen from the spectrum (``settings.energy``). ``base``: a :func:`base_quantization` of this
     weight at the decision's bits, and ``whitener``: ``Whitener.from_gram(gram, settings.damp)``, both
     reused when probes build several options of one layer."""

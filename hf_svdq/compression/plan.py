@@ -102,8 +102,7 @@ def resolve_plan(
         if config.residual_bits is not None and spec.in_features % (config.group_size or spec.in_features):
             decisions.append(LayerDecision(spec, None, f"group_size {config.group_size} does not divide in_features {spec.in_features}"))
             continue
-        bits = config.bits_for(spec.name)
-        group = config.group_size if bits is not None else None
+        bits, group = _quantization(config, spec.name)
         if data_rank:
             decisions.append(LayerDecision(spec, RANK_FROM_DATA, bits=bits, group_size=group))
             continue
@@ -114,6 +113,12 @@ def resolve_plan(
         decisions.append(_decide_rank(spec, rule[1], dense_element_bytes, bits, group))
     _check_group_size(decisions, config.group_size)
     return decisions
+
+
+def _quantization(config: SVDQuantConfig, name: str) -> tuple[int | None, int | None]:
+    """Layer ``name``'s base bits and group size (both None in pure low rank)."""
+    bits = config.bits_for(name)
+    return bits, config.group_size if bits is not None else None
 
 
 def _check_group_size(decisions: Sequence[LayerDecision], group_size: int | None) -> None:
@@ -178,8 +183,8 @@ def plan_from_resolved(specs: Sequence[LinearSpec], config: SVDQuantConfig) -> l
                 "weight (low rank needs 1 <= rank < in_features; residual mode 0 <= rank <= min(out, in))"
             )
         else:
-            bits = config.bits_for(spec.name)
-            decisions.append(LayerDecision(spec, rank, bits=bits, group_size=config.group_size if bits is not None else None))
+            bits, group = _quantization(config, spec.name)
+            decisions.append(LayerDecision(spec, rank, bits=bits, group_size=group))
     return decisions
 
 
