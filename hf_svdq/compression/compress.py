@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import torch
@@ -19,46 +19,18 @@ from tqdm.auto import tqdm
 
 from ..algorithms.allocation import option_ranks, relative_error_curves
 from ..algorithms.budget import allocate_ranks, choose_options
-from ..algorithms.groupquant import CLIP_GRID, quantize_gptq, quantize_rtn
-from ..algorithms.linalg import LowRankInt8, energy_rank, low_rank_int8, quantize_int8_rows
-from ..algorithms.whitening import Whitener, refit_left, whitened_low_rank, whitened_spectrum
+from ..algorithms.linalg import LowRankInt8, energy_rank
+from ..algorithms.whitening import Whitener
 from ..calibration.statistics import block_grams, block_inputs, dense_grams, find_blocks, input_groups, run_block
 from ..nn.low_rank import SVDQLinear, dense_weight_of
 from ..nn.residual import SVDQResidualLinear
 from .decisions import RANK_FROM_DATA, CompressionSettings, LayerDecision, LinearSpec, layer_bytes
+from .experts import compress_stack, stack_curves, stack_spectrum
 from .fisher import output_sensitivity
+from .matrix import base_quantization, low_rank, residual_parts, spectrum, truncation_spectrum
 from .memory import release_free_memory
 
 logger = logging.getLogger(__name__)
-
-
-def _low_rank(target: torch.Tensor, rank: int, gram: torch.Tensor | None, whitener: Whitener | None, scale_dtype: torch.dtype) -> LowRankInt8:
-    """INT8 factors of the best rank-``rank`` approximation of ``target``. Calibrated: in the output
-    norm, with the right factor quantized first and the left one refitted to it; data-free: the same
-    :func:`~hf_svdq.algorithms.linalg.low_rank_int8` the quantize-on-load path uses."""
-    if whitener is None or gram is None:
-        return low_rank_int8(target, rank, scale_dtype)
-    left, right, _ = whitened_low_rank(target, whitener, rank)
-    right_q = quantize_int8_rows(right, scale_dtype)
-    left = refit_left(target, right_q.dequantize(), gram)
-    return LowRankInt8(quantize_int8_rows(left, scale_dtype), right_q)
-
-
-def _spectrum(target: torch.Tensor, whitener: Whitener | None) -> torch.Tensor:
-    return whitened_spectrum(target, whitener) if whitener is not None else torch.linalg.svdvals(target.to(torch.float64))
-
-
-def base_quantization(weight: torch.Tensor, gram: torch.Tensor | None, bits: int, group_size: int | None,
-                      method: str | None, damp: float) -> Any:
-    """The residual mode's base: ``weight`` (float32 ``[out, in]``) group-quantized at ``bits`` in groups of
-    ``group_size`` (None: per row) by ``method`` (GPTQ needs ``gram``; otherwise round-to-nearest,
-    with a clip search for ``"mse"``, activation-weighted when ``gram`` is given)."""
-    group = group_size or weight.shape[1]
-    if gram is not None and method == "gptq":
-        return quantize_gptq(weight, gram, bits, group, damp=damp)
-    importance = gram.diagonal() if gram is not None else None
-    clips = CLIP_GRID if method == "mse" else (1.0,)
-    return quantize_rtn(weight, bits, group, importance, clips)
 
 
 def compress_layer(
@@ -88,7 +60,7 @@ def compress_layer(
     if rank == RANK_FROM_DATA:
         if settings.energy is None:
             raise ValueError(f"compress_layer: {spec.name}'s rank is left to the data and no energy threshold is set")
-        rank = energy_rank(_spectrum(target, whitener), settings.energy)
+        rank = energy_rank(spectrum(target, whitener), settings.energy)
     rank = min(rank, spec.in_features - 1 if base is None else spec.in_features, spec.out_features)
     dense_bytes = spec.out_features * spec.in_features * weight.element_size()
     if layer_bytes(spec, rank, bits, decision.group_size, weight.element_size()) >= dense_bytes:
@@ -96,7 +68,7 @@ def compress_layer(
     if base is None:
         if rank < 1:
             return None, rank
-        new: SVDQLinear | SVDQResidualLinear = _low_rank_module(spec, rank, _low_rank(target, rank, gram, whitener, dtype),
+        new: SVDQLinear | SVDQResidualLinear = _low_rank_module(spec, rank, low_rank(target, rank, gram, whitener, dtype),
                                                                  bias, dtype, transposed)
     else:
         new = _residual_module(w, spec, rank, base, decision.group_size, settings, gram, whitener, bias, dtype, transposed)
@@ -121,28 +93,13 @@ def _residual_module(w: torch.Tensor, spec: LinearSpec, rank: int, base: Any, gr
     """``base`` plus a rank-``rank`` correction of its error, refined ``settings.refine_steps`` times."""
     residual = SVDQResidualLinear(spec.in_features, spec.out_features, rank, base.bits, group_size or spec.in_features,
                                   bias is not None, dtype=dtype, transposed=transposed)
-    correction = _low_rank(w - base.dequantize(), rank, gram, whitener, dtype) if rank else None
-    for _ in range(settings.refine_steps if correction is not None else 0):
-        assert correction is not None
-        # alternate: re-quantize what the correction does not explain, then refit the correction
-        base = base_quantization(w - correction.dequantize(), gram, base.bits, group_size, settings.residual_method, settings.damp)
-        correction = _low_rank(w - base.dequantize(), rank, gram, whitener, dtype)
+    base, correction = residual_parts(w, rank, base, group_size, settings, gram, whitener, dtype)
     residual.load(base, correction, bias)
     return residual
 
 
-def truncation_spectrum(weight: torch.Tensor, gram: torch.Tensor | None, bits: int | None, group_size: int | None,
-                        damp: float) -> torch.Tensor:
-    """Singular values whose squared tail is the truncation loss of ``weight``: of the whitened weight
-    when calibrated (``gram``), of the ``bits``-wide round-to-nearest quantization error in residual mode."""
-    w = weight.detach().to(torch.float32)
-    whitener = Whitener.from_gram(gram, damp) if gram is not None else None
-    target = w - quantize_rtn(w, bits, group_size or w.shape[1]).dequantize() if bits else w
-    return _spectrum(target, whitener)
-
-
 def budget_ranks(model: nn.Module, targets: Sequence[LayerDecision], settings: CompressionSettings,
-                 grams: Mapping[str, torch.Tensor], spectra: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
+                 grams: Mapping[str, Any], spectra: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
     """Ranks of ``targets`` under the global budget (``settings.target_bits_per_weight`` or
     ``target_param_ratio``), allocated by measured truncation loss. ``spectra`` (name ->
     :func:`truncation_spectrum`) is used where given and filled in where missing."""
@@ -150,16 +107,21 @@ def budget_ranks(model: nn.Module, targets: Sequence[LayerDecision], settings: C
     plans = {d.spec.name: d for d in targets}
     scale_bytes = 4
     for d in targets:
+        if d.spec.experts:
+            scale_bytes = next(model.parameters()).element_size()
+            if d.spec.name not in spectra:
+                spectra[d.spec.name] = stack_spectrum(model, d.spec.name, grams.get(d.spec.name), d.bits, d.group_size, settings.damp)
+            continue
         weight, _ = dense_weight_of(model.get_submodule(d.spec.name))
         scale_bytes = weight.element_size()
         if d.spec.name not in spectra:
             spectra[d.spec.name] = truncation_spectrum(weight, grams.get(d.spec.name), d.bits, d.group_size, settings.damp)
-    numbers = sum(d.spec.out_features * d.spec.in_features for d in targets)
+    numbers = sum(d.spec.numel for d in targets)
     if settings.target_param_ratio is not None:
         budget = settings.target_param_ratio * numbers
         def cost(name: str, r: int) -> float:
             s = plans[name].spec
-            return r * (s.out_features + s.in_features)
+            return r * (s.out_features + s.in_features) * s.matrices
     elif settings.target_bits_per_weight is not None:
         budget = settings.target_bits_per_weight * numbers / 8
         def cost(name: str, r: int) -> float:
@@ -183,7 +145,7 @@ class MixedBudget:
 
 
 def mixed_budget(model: nn.Module, targets: Sequence[LayerDecision], settings: CompressionSettings,
-                 grams: Mapping[str, torch.Tensor], ids: torch.Tensor | None = None) -> MixedBudget:
+                 grams: Mapping[str, Any], ids: torch.Tensor | None = None) -> MixedBudget:
     """One (bits, rank) option per layer among ``settings.bit_choices`` under ``target_bits_per_weight``,
     minimising the summed relative output error (:mod:`hf_svdq.algorithms.allocation`), each layer's
     weighted by its Fisher sensitivity when calibrated (:mod:`hf_svdq.compression.fisher`; the weighted
@@ -195,13 +157,18 @@ def mixed_budget(model: nn.Module, targets: Sequence[LayerDecision], settings: C
     options: dict[str, list[tuple[object, float, float]]] = {}
     numbers = 0
     for d in tqdm(targets, desc="scoring bit/rank options", disable=len(targets) < 8):
-        weight, _ = dense_weight_of(model.get_submodule(d.spec.name))
-        curves = relative_error_curves(weight, grams.get(d.spec.name), settings.bit_choices, d.group_size, settings.damp)
+        if d.spec.experts:
+            curves = stack_curves(model, d.spec.name, grams.get(d.spec.name), settings.bit_choices, d.group_size, settings.damp)
+            element = next(model.parameters()).element_size()
+        else:
+            weight, _ = dense_weight_of(model.get_submodule(d.spec.name))
+            curves = relative_error_curves(weight, grams.get(d.spec.name), settings.bit_choices, d.group_size, settings.damp)
+            element = weight.element_size()
         limit = min(d.spec.out_features, d.spec.in_features)
         weight_of = kappa[d.spec.name]
-        options[d.spec.name] = [((bits, r), float(layer_bytes(d.spec, r, bits, d.group_size, weight.element_size())),
+        options[d.spec.name] = [((bits, r), float(layer_bytes(d.spec, r, bits, d.group_size, element)),
                                  weight_of * float(curve[r])) for bits, curve in curves.items() for r in option_ranks(limit)]
-        numbers += d.spec.out_features * d.spec.in_features
+        numbers += d.spec.numel
     budget = settings.target_bits_per_weight * numbers / 8
     try:
         chosen = choose_options(options, budget=budget)
@@ -225,10 +192,12 @@ class CompressionResult:
 
     decisions: list[LayerDecision]
     prediction: dict[str, Any] | None = None
+    expert_fallback: dict[str, int] = field(default_factory=dict)
+    """Per compressed expert stack: experts with too few routed calibration tokens, compressed data-free."""
 
 
 def resolve_budget(model: nn.Module, targets: Sequence[LayerDecision], settings: CompressionSettings,
-                   grams: Mapping[str, torch.Tensor], ids: torch.Tensor | None) -> tuple[list[LayerDecision], dict[str, Any] | None]:
+                   grams: Mapping[str, Any], ids: torch.Tensor | None) -> tuple[list[LayerDecision], dict[str, Any] | None]:
     """``targets`` with the ranks (and, with ``bit_choices``, the base bits) a global budget gives them;
     unchanged without a budget. Also returns a mixed budget's prediction."""
     if settings.budgeted and settings.bit_choices:
@@ -253,9 +222,17 @@ def compress_model(
         grams = dense_grams(model, [d.spec.name for d in targets], ids, settings.batch_size, settings.stats_cache, progress)
     targets, prediction = resolve_budget(model, targets, settings, grams, ids)
     by_name = {d.spec.name: d for d in targets}
-    results: dict[str, tuple[nn.Module | None, int]] = {}
+    results: dict[str, tuple[object | None, int]] = {}
+    fallback: dict[str, int] = {}
 
-    def do(name: str, gram: torch.Tensor | None) -> None:
+    def do(name: str, gram: Any) -> None:
+        if by_name[name].spec.experts:
+            done = compress_stack(model, by_name[name], settings, gram)
+            results[name] = (done.rank, done.rank or 0)
+            if done.rank is not None and ids is not None:
+                fallback[name] = done.fallback
+            release_free_memory()
+            return
         new, rank = compress_layer(model.get_submodule(name), by_name[name], settings, gram)
         results[name] = (new, rank)
         if new is not None:
@@ -277,7 +254,11 @@ def compress_model(
         planned = by_name[d.spec.name]
         final.append(replace(planned, rank=rank) if new is not None
                      else LayerDecision(d.spec, None, f"break-even: rank {rank} is not smaller than dense"))
-    return CompressionResult(final, prediction)
+    if any(fallback.values()):
+        stacks, experts = len(fallback), sum(by_name[n].spec.experts for n in fallback)
+        logger.warning("hf_svdq: %d of %d experts (in %d stacks) saw fewer routed calibration tokens than their input "
+                       "width and were compressed data-free", sum(fallback.values()), experts, stacks)
+    return CompressionResult(final, prediction, fallback)
 
 
 def _compress_block_by_block(model: nn.Module, names: Sequence[str], ids: torch.Tensor, batch: int,

@@ -68,13 +68,26 @@ class CompressionSettings:
 
 @dataclass(frozen=True)
 class LinearSpec:
-    """A layer hf_svdq can compress: ``nn.Linear`` or GPT-2 ``Conv1D`` (``transposed``)."""
+    """A layer hf_svdq can compress: ``nn.Linear`` or GPT-2 ``Conv1D`` (``transposed``), or a stack of
+    ``experts`` matrices of a fused mixture-of-experts module, named ``<experts module>.<stack>``."""
 
     name: str
     out_features: int
     in_features: int
     bias: bool
     transposed: bool = False
+    experts: int = 0
+    """Number of expert matrices of an expert stack; 0 for a Linear."""
+
+    @property
+    def matrices(self) -> int:
+        """How many ``[out, in]`` matrices this layer holds (1 for a Linear)."""
+        return self.experts or 1
+
+    @property
+    def numel(self) -> int:
+        """Dense weights of the layer (all experts of a stack)."""
+        return self.out_features * self.in_features * self.matrices
 
 
 RANK_FROM_DATA = -1
@@ -102,10 +115,11 @@ class LayerDecision:
 
 
 def layer_bytes(spec: LinearSpec, rank: int, bits: int | None, group_size: int | None, scale_bytes: int) -> int:
-    """Stored bytes of one compressed layer at ``rank`` (bias excluded): INT8 factors when ``bits`` is
-    None, else a ``bits``-wide base in groups of ``group_size`` plus a rank-``rank`` correction."""
+    """Stored bytes of one compressed layer at ``rank`` (bias excluded; all experts of a stack): INT8
+    factors when ``bits`` is None, else a ``bits``-wide base in groups of ``group_size`` plus a
+    rank-``rank`` correction."""
     shape = LayerShape(spec.out_features, spec.in_features, rank, bits, group_size if bits is not None else None)
-    return layer_nbytes(shape, scale_bytes) if bits is not None or rank else 0
+    return layer_nbytes(shape, scale_bytes, spec.matrices) if bits is not None or rank else 0
 
 
 def recorded_dense(decisions: Sequence[LayerDecision]) -> dict[str, str]:

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..calibration.statistics import hook_target
+
 
 def output_sensitivity(model: nn.Module, names: Sequence[str], ids: torch.Tensor, batch_size: int = 4,
                        max_samples: int = 8) -> dict[str, float]:
@@ -42,8 +44,9 @@ def output_sensitivity(model: nn.Module, names: Sequence[str], ids: torch.Tensor
     def grad_from_here(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
         return output.detach().requires_grad_(True)
 
-    for name in names:
-        handles.append(model.get_submodule(name).register_forward_hook(watch(name)))
+    for name in names:  # an expert stack is scored by its experts module's output (shared by its stacks)
+        module, _ = hook_target(model, name)
+        handles.append(module.register_forward_hook(watch(name)))
     embeddings = model.get_input_embeddings()  # type: ignore[operator]
     handles.append(embeddings.register_forward_hook(grad_from_here))
     flags = [(p, p.requires_grad) for p in model.parameters()]

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..integration.config import SVDQuantConfig
 from ..integration.patterns import first_match, unmatched
+from ..nn.experts import find_expert_stacks, is_fused_experts
 from ..nn.low_rank import SVDQLinear, is_conv1d
 from .decisions import RANK_FROM_DATA, CompressionSettings, LayerDecision, LinearSpec, layer_bytes
 
@@ -40,10 +41,15 @@ def compression_settings(config: SVDQuantConfig) -> CompressionSettings:
     )
 
 
-def find_linear_layers(model: nn.Module) -> list[LinearSpec]:
-    """Every ``nn.Linear``/``Conv1D`` (and already-compressed ``SVDQLinear``) of ``model``, by name."""
-    specs = []
+def find_linear_layers(model: nn.Module, experts: bool = True) -> list[LinearSpec]:
+    """Every ``nn.Linear``/``Conv1D`` (and already-compressed ``SVDQLinear``) of ``model``, by name, and
+    with ``experts`` every stack of a fused mixture-of-experts module (``<module>.gate_up_proj``, ...)."""
+    specs: list[LinearSpec] = []
     for name, module in model.named_modules():
+        if experts and is_fused_experts(module):
+            specs.extend(LinearSpec(f"{name}.{s.name}", s.out_features, s.in_features, s.bias, s.transposed, s.experts)
+                         for s in find_expert_stacks(module))
+            continue
         if isinstance(module, nn.Linear):
             specs.append(LinearSpec(name, module.out_features, module.in_features, module.bias is not None))
         elif is_conv1d(module):
@@ -85,9 +91,9 @@ def resolve_plan(
     skip = config.skip_patterns()
     rank_rules = config.rank_patterns()
     for text in unmatched(skip, names):
-        warnings.warn(f"SVDQuantConfig.skip pattern {text!r} matched no Linear layer", UserWarning, stacklevel=3)
+        warnings.warn(f"SVDQuantConfig.skip pattern {text!r} matched no Linear layer or expert stack", UserWarning, stacklevel=3)
     for text in unmatched([p for p, _ in rank_rules], names):
-        warnings.warn(f"SVDQuantConfig.rank pattern {text!r} matched no Linear layer", UserWarning, stacklevel=3)
+        warnings.warn(f"SVDQuantConfig.rank pattern {text!r} matched no Linear layer or expert stack", UserWarning, stacklevel=3)
 
     data_rank = config.rank is None  # energy or budget policy: ranks come from the data
     decisions = []
@@ -145,7 +151,7 @@ def _decide_rank(spec: LinearSpec, requested: int, dense_element_bytes: int, bit
     if bits is None and rank >= spec.in_features:
         return LayerDecision(spec, None, f"full rank: rank {rank} >= in_features {spec.in_features}, nothing to truncate")
     stored = layer_bytes(spec, rank, bits, group_size, dense_element_bytes)
-    dense = spec.out_features * spec.in_features * dense_element_bytes
+    dense = spec.numel * dense_element_bytes
     if stored >= dense:
         return LayerDecision(spec, None, f"break-even: rank-{rank} compressed layer takes {stored} B >= dense {dense} B")
     return LayerDecision(spec, rank, note, bits, group_size)

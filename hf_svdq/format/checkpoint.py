@@ -96,3 +96,21 @@ def check_layer(
             raise ValueError(
                 f"hf_svdq checkpoint tensor {key} is {got_dtype}{list(got_shape)}, expected {'/'.join(dtypes)}{list(shape)}"
             )
+
+
+def check_expert_stack(
+    headers: TensorHeaders, name: str, experts: int, out_features: int, in_features: int, rank: int,
+    bits: int | None = None, group_size: int | None = None,
+) -> None:
+    """:func:`check_layer` for an expert stack ``name`` (``<experts module>.<stack>``) of ``experts`` matrices."""
+    module, _, stack = name.rpartition(".")
+    shape = fmt.LayerShape(out_features, in_features, rank, bits, group_size)
+    for tensor, (dtype, expected) in fmt.expert_tensors(stack, shape, experts).items():
+        key, dtypes = f"{module}.{tensor}", fmt.SAFETENSORS_DTYPES[dtype]
+        if key not in headers:
+            raise ValueError(f"hf_svdq checkpoint is missing tensor {key} (compressed expert stack {name}, rank {rank})")
+        got_shape, got_dtype = headers[key]
+        if got_shape != expected or got_dtype not in dtypes:
+            raise ValueError(
+                f"hf_svdq checkpoint tensor {key} is {got_dtype}{list(got_shape)}, expected {'/'.join(dtypes)}{list(expected)}"
+            )

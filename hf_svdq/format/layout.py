@@ -12,6 +12,18 @@ never equals the dense ``[out, in]`` (a layer is only compressed when ``r < in``
 transformers install that does not know hf_svdq fails with a size-mismatch error instead of
 loading random weights. Float scales are stored in the dtype the model was compressed in.
 
+**Experts.** A fused mixture-of-experts module (transformers 5: 3-D parameters ``<e>.gate_up_proj`` and
+``<e>.down_proj``, one matrix per expert) stores each compressed stack ``<e>.<stack>`` with the same
+tensors, stacked over the ``E`` experts: the name ``<m>.weight<suffix>`` of a Linear becomes
+``<e>.<stack><suffix>`` (:func:`expert_tensor_name`) and every shape gains a leading ``E``
+(:func:`expert_tensors`). Stacked, not one name per expert, because that is how transformers holds the
+weights (one tensor per stack, the loader merges per-expert checkpoints into it), how llama.cpp stores
+them (``ffn_*_exps``), and it keeps a 128-expert model's header at 14 tensors a block instead of
+1,792; the price is one rank, bit width and group size per stack. The codes keep the stack's dense
+name (``<e>.gate_up_proj``) with a shape the dense model never has, so a loader that does not know
+hf_svdq fails with a size mismatch instead of loading random experts. A stack's matrices are in
+``[out, in]`` layout also where transformers stores them transposed (gpt-oss).
+
 The version is ``config.json``'s ``quantization_config.format_version``; the safetensors header
 metadata is transformers' ``{"format": "pt"}`` alone (safetensors writes metadata from a hash map, so
 a second key would change the header's byte order from save to save).
@@ -117,9 +129,29 @@ def layer_tensors(shape: LayerShape) -> tuple[TensorSpec, ...]:
     return BASE_TENSORS + (CORRECTION_TENSORS if shape.rank else ())
 
 
-def layer_nbytes(shape: LayerShape, float_bytes: int) -> int:
-    """Stored bytes of one compressed layer (bias excluded); ``float_bytes``: the size of the model's float dtype."""
-    return sum(math.prod(t.shape(shape)) * DTYPE_BYTES.get(t.dtype, float_bytes) for t in layer_tensors(shape))
+def layer_nbytes(shape: LayerShape, float_bytes: int, experts: int = 1) -> int:
+    """Stored bytes of one compressed layer (bias excluded), or of a stack of ``experts`` of them;
+    ``float_bytes``: the size of the model's float dtype."""
+    one = sum(math.prod(t.shape(shape)) * DTYPE_BYTES.get(t.dtype, float_bytes) for t in layer_tensors(shape))
+    return one * experts
+
+
+EXPERT_STACKS: tuple[str, ...] = ("gate_up_proj", "down_proj", "up_proj")
+"""Names of the 3-D expert parameters hf_svdq compresses (``up_proj``: experts without a gate)."""
+
+
+def expert_tensor_name(stack: str, tensor: str) -> str:
+    """The stored name of a Linear-layout tensor (``weight``, ``weight_scale``, ...) in an expert stack
+    called ``stack``: ``weight_u_scale`` of ``gate_up_proj`` is ``gate_up_proj_u_scale``."""
+    if not tensor.startswith(LEFT):
+        raise ValueError(f"not a layout tensor name: {tensor!r}")
+    return stack + tensor[len(LEFT):]
+
+
+def expert_tensors(stack: str, shape: LayerShape, experts: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{stored name: (dtype, shape)}`` of one compressed expert stack of ``experts`` matrices, each of
+    ``shape`` (names relative to the experts module, in the order they are written)."""
+    return {expert_tensor_name(stack, t.name): (t.dtype, (experts, *t.shape(shape))) for t in layer_tensors(shape)}
 
 
 def _table(title: str, specs: tuple[TensorSpec, ...]) -> str:
@@ -138,6 +170,16 @@ def markdown_table(residual: bool) -> str:
     return _table(LOW_RANK_TITLE, LOW_RANK_TENSORS)
 
 
+EXPERTS_TITLE = "Expert stacks (`<e>.<stack>`, `<stack>` = `gate_up_proj` / `down_proj`, `E` experts; residual layout shown):"
+
+
+def experts_table() -> str:
+    """The expert-stack table, rendered from the residual declarations with the stacked names and shapes."""
+    rows = "\n".join(f"| `<e>.{expert_tensor_name('<stack>', t.name)}` | `[E, {t.shape_doc[1:]}` | {t.dtype} | {t.meaning} |"
+                     for t in BASE_TENSORS + CORRECTION_TENSORS)
+    return f"{EXPERTS_TITLE}\n\n| tensor | shape | dtype | meaning |\n|---|---|---|---|\n{rows}\n"
+
+
 def markdown_tables() -> str:
-    """The README's tables of both layouts."""
-    return markdown_table(residual=False) + "\n" + markdown_table(residual=True)
+    """The README's tables of both layouts and of expert stacks."""
+    return markdown_table(residual=False) + "\n" + markdown_table(residual=True) + "\n" + experts_table()

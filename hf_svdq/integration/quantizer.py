@@ -39,7 +39,8 @@ from ..compression.plan import (
     resolve_plan,
 )
 from ..format import layout as fmt
-from ..format.checkpoint import check_layer, check_single_or_sharded, read_headers
+from ..format.checkpoint import check_expert_stack, check_layer, check_single_or_sharded, read_headers
+from ..nn.experts import StackFormat, SVDQExperts
 from ..nn.layers import COMPRESSED_LAYERS, SVDQLinear, SVDQResidualLinear
 from ..nn.low_rank import dense_weight_of
 from .config import SVDQuantConfig
@@ -92,16 +93,20 @@ class SVDQuantizer(HfQuantizer):
             config.ranks, config.dense = recorded_ranks(decisions), recorded_dense(decisions)
             log_plan(decisions)
         for decision in decisions:
-            if decision.rank is not None:
+            if decision.rank is not None and not decision.spec.experts:
                 _swap_in(model, decision, dense_placeholder=not self.pre_quantized)
+        _swap_in_experts(model, decisions, dense_placeholder=not self.pre_quantized)
 
     def param_needs_quantization(self, model: PreTrainedModel, param_name: str, **kwargs: Any) -> bool:
         if self.pre_quantized:
             return False
         module_name, _, tensor_name = param_name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if isinstance(module, SVDQExperts):  # an expert stack: its codes carry the stack's dense name
+            param = module._parameters.get(tensor_name)
+            return tensor_name in module.formats and param is not None and param.is_meta and param.is_floating_point()
         if tensor_name != fmt.LEFT:
             return False
-        module = model.get_submodule(module_name)
         return isinstance(module, SVDQLinear) and module.weight.is_meta
 
     def get_quantize_ops(self) -> ConversionOps:
@@ -123,15 +128,23 @@ class SVDQuantizer(HfQuantizer):
                 config.layer_bits = recorded_layer_bits(result.decisions, config.residual_bits)
             config.prediction = result.prediction
             log_plan(result.decisions)
+            _keep_fused_expert_names(model)
             _attach_hub(model)
             _maybe_int8_head(model, config)
             return
+        _keep_fused_expert_names(model)
         _attach_hub(model)
         _maybe_int8_head(model, config)
         for name, module in model.named_modules():
-            if not isinstance(module, COMPRESSED_LAYERS):
+            if isinstance(module, SVDQExperts):
+                unfilled = set(module.formats) - getattr(module, "_hf_svdq_filled", set())
+                if not self.pre_quantized and unfilled:
+                    raise RuntimeError(f"hf_svdq: {name}.{min(unfilled)} was never compressed during loading (the "
+                                       "expert stack did not reach the quantizer); refusing to return a model with "
+                                       "uninitialized experts. Please report it with your transformers version.")
+            elif not isinstance(module, COMPRESSED_LAYERS):
                 continue
-            if not self.pre_quantized and not getattr(module, "_hf_svdq_filled", False):
+            elif not self.pre_quantized and not getattr(module, "_hf_svdq_filled", False):
                 raise RuntimeError(
                     f"hf_svdq: {name} was never compressed during loading (its dense weight did not reach "
                     "the quantizer); refusing to return a model with uninitialized factors. This "
@@ -155,7 +168,7 @@ class SVDQuantizer(HfQuantizer):
         from ..nn.head import SVDQInt8Head
 
         for name, module in list(model.named_modules()):
-            if isinstance(module, (*COMPRESSED_LAYERS, SVDQInt8Head)):
+            if isinstance(module, (*COMPRESSED_LAYERS, SVDQInt8Head, SVDQExperts)):
                 model.set_submodule(name, module.to_dense_module(dtype))
         return model
 
@@ -192,8 +205,10 @@ class SVDQuantizeOp(ConversionOps):
         dense = value[0] if isinstance(value, (list, tuple)) else value
         if not dense.is_floating_point():
             raise TypeError(f"hf_svdq: {full_layer_name} arrived as {dense.dtype}, expected a float dense weight")
-        module_name = full_layer_name.rpartition(".")[0]
+        module_name, _, tensor_name = full_layer_name.rpartition(".")
         module = model.get_submodule(module_name)
+        if isinstance(module, SVDQExperts):
+            return self._quantize_stack(module, tensor_name, dense, full_layer_name, missing_keys)
         if not isinstance(module, SVDQLinear):
             raise TypeError(f"hf_svdq: {module_name} is {type(module).__name__}, expected SVDQLinear")
         weight = dense.t() if module.transposed else dense
@@ -219,6 +234,36 @@ class SVDQuantizeOp(ConversionOps):
         return {}
 
 
+    def _quantize_stack(self, module: SVDQExperts, name: str, dense: torch.Tensor, full_name: str,
+                        missing_keys: set[str] | None) -> dict[str, torch.Tensor]:
+        """Factorize every expert of one arriving dense stack (quantize-on-load, low-rank layout)."""
+        stack, stack_format = module.stacks[name], module.formats[name]
+        expected = (stack.experts, stack.in_features, stack.out_features) if stack.transposed else \
+            (stack.experts, stack.out_features, stack.in_features)
+        if tuple(dense.shape) != expected:
+            raise ValueError(f"hf_svdq: {full_name} has shape {tuple(dense.shape)}, expected {expected}")
+        matrices = dense.transpose(1, 2) if stack.transposed else dense
+        if not torch.isfinite(matrices).all():
+            self.hf_quantizer.non_finite.append(
+                f"{full_name} has {int((~torch.isfinite(matrices)).sum())} non-finite value(s) (NaN/Inf): refusing to compress it")
+            matrices = torch.zeros_like(matrices)
+        dtype = module.compute_dtype
+        module.declare_stack(name, stack_format, dtype, "meta")  # the float placeholder back to the declared layout
+        module.load_stack(name, None, [low_rank_int8(matrices[e], stack_format.rank, dtype) for e in range(stack.experts)])
+        filled = module.__dict__.setdefault("_hf_svdq_filled", set())
+        filled.add(name)
+        module._is_hf_initialized = True  # type: ignore[assignment]
+        for param in module.parameters(recurse=False):
+            param._is_hf_initialized = True  # type: ignore[attr-defined]
+        if missing_keys is not None:
+            prefix = full_name.rpartition(".")[0]
+            for tensor in fmt.expert_tensors(name, stack_format.shape(stack), stack.experts):
+                missing_keys.discard(f"{prefix}.{tensor}")
+        del dense, matrices
+        release_free_memory()
+        return {}
+
+
 def _check_checkpoint(files: list[str] | None, decisions: list[LayerDecision], model: nn.Module | None = None) -> None:
     """Refuse a checkpoint whose factor tensors are missing or misshapen, that is not safetensors, or
     whose folder holds both a single-file and a sharded save (one of them stale), before anything loads."""
@@ -232,13 +277,16 @@ def _check_checkpoint(files: list[str] | None, decisions: list[LayerDecision], m
     safetensors = [str(f) for f in files]
     headers = read_headers(safetensors)
     if model is not None:  # the other tensors: a shape the model does not have is named here, not reinitialised
-        compressed = tuple(f"{d.spec.name}." for d in decisions if d.rank is not None)
+        compressed = tuple(d.spec.name if d.spec.experts else f"{d.spec.name}." for d in decisions if d.rank is not None)
         shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
         for name, (shape, _) in headers.items():
             if name in shapes and not name.startswith(compressed) and shape != shapes[name]:
                 raise ValueError(f"checkpoint tensor {name} has shape {list(shape)}; the model expects {list(shapes[name])}")
     for d in decisions:
-        if d.rank is not None:
+        if d.rank is not None and d.spec.experts:
+            check_expert_stack(headers, d.spec.name, d.spec.experts, d.spec.out_features, d.spec.in_features, d.rank,
+                               d.bits, d.group_size)
+        elif d.rank is not None:
             check_layer(headers, d.spec.name, d.spec.out_features, d.spec.in_features, d.rank, d.bits, d.group_size)
 
 
@@ -295,6 +343,48 @@ def _swap_in(model: nn.Module, decision: LayerDecision, dense_placeholder: bool)
         # placeholder stops transformers <= 5.20 from casting it to the int8 dtype of the factor first.
         new.weight = nn.Parameter(torch.empty(new.weight.shape, dtype=weight.dtype, device="meta"), requires_grad=False)
     model.set_submodule(name, new)
+
+
+def _swap_in_experts(model: nn.Module, decisions: list[LayerDecision], dense_placeholder: bool) -> None:
+    """Put an :class:`SVDQExperts` (meta) in place of every fused-experts module with a compressed stack."""
+    by_module: dict[str, dict[str, StackFormat]] = {}
+    for d in decisions:
+        if d.rank is not None and d.spec.experts:
+            module_name, _, stack = d.spec.name.rpartition(".")
+            by_module.setdefault(module_name, {})[stack] = StackFormat(d.rank, d.bits, d.group_size if d.bits is not None else None)
+    for module_name, formats in by_module.items():
+        old = model.get_submodule(module_name)
+        if isinstance(old, SVDQExperts):
+            continue
+        new = SVDQExperts.from_module(old, formats, device="meta")
+        if dense_placeholder:  # quantize-on-load: the dense stack arrives under the codes' name, in its float dtype
+            for stack in formats:
+                shape = new._parameters[stack].shape  # type: ignore[union-attr]
+                new._parameters[stack] = nn.Parameter(torch.empty(shape, dtype=new.compute_dtype, device="meta"), requires_grad=False)
+        model.set_submodule(module_name, new)
+
+
+def _keep_fused_expert_names(model: nn.Module) -> None:
+    """Save compressed expert stacks under the names they have in the model. transformers' save reverts
+    its load-time conversions (e.g. ``experts.gate_up_proj`` back into per-expert ``gate_proj``/``up_proj``
+    weights, Mixtral's ``mlp`` back to ``block_sparse_moe``), which would split the stacked codes and their
+    companions apart or rename them away from what the header check reads; every conversion whose target
+    names a compressed stack is dropped from what the save reverts (reload reads the names as they are:
+    no conversion's source matches them)."""
+    import re
+
+    conversions = getattr(model, "_weight_conversions", None)
+    stacks = [f"{name}.{stack}" for name, m in model.named_modules() if isinstance(m, SVDQExperts) for stack in m.formats]
+    if not conversions or not stacks:
+        return
+    kept = []
+    for conversion in conversions:
+        targets = getattr(conversion, "target_patterns", None) or []
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        if any(re.search(str(t).replace("*", r"\d+"), name) for t in targets for name in stacks):
+            continue
+        kept.append(conversion)
+    model._weight_conversions = kept  # type: ignore[assignment]
 
 
 def _maybe_int8_head(model: nn.Module, config: SVDQuantConfig) -> None:
