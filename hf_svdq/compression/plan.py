@@ -197,7 +197,9 @@ def plan_from_resolved(specs: Sequence[LinearSpec], config: SVDQuantConfig) -> l
 def log_plan(decisions: Sequence[LayerDecision]) -> None:
     """Log a summary; warn (once per kind, with a count and an example) about clamps and guards."""
     compressed = sum(d.rank is not None for d in decisions)
-    logger.info("hf_svdq: compressing %d of %d Linear layers", compressed, len(decisions))
+    stacks = sum(d.rank is not None and d.spec.experts > 0 for d in decisions)
+    logger.info("hf_svdq: compressing %d of %d Linear layers and expert stacks (%d expert stacks)", compressed,
+                len(decisions), stacks)
     groups: dict[str, list[LayerDecision]] = {}
     for d in decisions:
         if d.reason:

@@ -27,6 +27,12 @@ class LayerRow:
     dense_bytes: int  # the dense weight in the checkpoint's float dtype
     stored_bytes: int  # what the checkpoint holds for the weight (factors + scales, or the dense weight)
     note: str  # "" when compressed, else why it stayed dense
+    experts: int = 0  # an expert stack of this many [out, in] matrices; 0 for a Linear
+
+    @property
+    def weights(self) -> int:
+        """Dense weights of the layer (all experts of a stack)."""
+        return self.out_features * self.in_features * (self.experts or 1)
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class CheckpointReport:
     dense_total_bytes: int  # the same model with every compressed layer dense
     dense_params: int  # parameter count of the dense model
     format_version: int | None
+    coverage: dict[str, Any] | None = None  # recorded at compression (hf_svdq.compression.coverage)
 
     @property
     def compressed(self) -> list[LayerRow]:
@@ -44,7 +51,7 @@ class CheckpointReport:
     def bits_per_weight_compressed(self) -> float:
         """Stored bits per dense weight over the compressed layers only."""
         rows = self.compressed
-        weights = sum(r.out_features * r.in_features for r in rows)
+        weights = sum(r.weights for r in rows)
         return 8.0 * sum(r.stored_bytes for r in rows) / weights if weights else float("nan")
 
     def bits_per_weight_overall(self) -> float:
@@ -60,6 +67,7 @@ class CheckpointReport:
             "bytes_stored": self.total_bytes,
             "bits_per_weight_compressed_layers": self.bits_per_weight_compressed(),
             "bits_per_weight_overall": self.bits_per_weight_overall(),
+            "coverage": self.coverage,
             "layers": [asdict(r) for r in self.layers],
         }
 
@@ -98,13 +106,15 @@ def checkpoint_report(folder: str | Path) -> CheckpointReport:
     total = sum(_nbytes(*v) for v in headers.values())
     dense_total = total - sum(r.stored_bytes - r.dense_bytes for r in rows if r.rank is not None)
     params = sum(_numel(shape) for key, (shape, _) in headers.items() if key not in compressed_tensors)
-    params += sum(r.out_features * r.in_features for r in rows if r.rank is not None)
-    return CheckpointReport(rows, total, dense_total, params, qconfig.get("format_version"))
+    params += sum(r.weights for r in rows if r.rank is not None)
+    return CheckpointReport(rows, total, dense_total, params, qconfig.get("format_version"), qconfig.get("coverage"))
 
 
 def _compressed_row(folder: Path, headers: TensorHeaders, name: str, rank: int, bits: int | None,
                     group_size: int | None) -> tuple[LayerRow, list[str]]:
     """A compressed layer's row, its dimensions read from its tensors' headers, and its tensor names."""
+    if name in headers:  # an expert stack: its codes carry the stack's own name
+        return _expert_row(folder, headers, name, rank, bits, group_size)
     first = f"{name}.{fmt.LEFT}"
     if first not in headers:
         raise ValueError(f"{folder}: compressed layer {name} lacks tensor {first}")
@@ -124,7 +134,33 @@ def _compressed_row(folder: Path, headers: TensorHeaders, name: str, rank: int, 
     return LayerRow(name, out_features, in_features, rank, dense, stored, ""), expected
 
 
+def _expert_row(folder: Path, headers: TensorHeaders, name: str, rank: int, bits: int | None,
+                group_size: int | None) -> tuple[LayerRow, list[str]]:
+    """:func:`_compressed_row` of an expert stack ``<experts module>.<stack>``."""
+    module, _, stack = name.rpartition(".")
+    shape = headers[name][0]
+    experts, out_features = shape[0], shape[1]
+    if bits is None:
+        in_features = headers.get(f"{module}.{fmt.expert_tensor_name(stack, fmt.RIGHT)}", ((0, 0, 0), ""))[0][2]
+        scale_dtype = headers.get(f"{module}.{fmt.expert_tensor_name(stack, fmt.LEFT_SCALE)}", ((), "F32"))[1]
+    else:
+        in_features = shape[2] * shape[3] * 8 // bits
+        scale_dtype = headers.get(f"{module}.{fmt.expert_tensor_name(stack, fmt.CORR_LEFT_SCALE)}", ((), "F32"))[1]
+    layer = fmt.LayerShape(out_features, in_features, rank, bits, (group_size or in_features) if bits is not None else None)
+    expected = [f"{module}.{t}" for t in fmt.expert_tensors(stack, layer, experts)]
+    missing = [n for n in expected if n not in headers]
+    if missing:
+        raise ValueError(f"{folder}: compressed expert stack {name} lacks tensor(s) {missing}")
+    stored = sum(_nbytes(*headers[n]) for n in expected)
+    dense = experts * out_features * in_features * _DTYPE_BYTES.get(scale_dtype, 4)
+    return LayerRow(name, out_features, in_features, rank, dense, stored, "", experts), expected
+
+
 def _dense_row(headers: TensorHeaders, name: str, note: str) -> LayerRow:
+    if name in headers and len(headers[name][0]) == 3:  # a dense expert stack
+        shape, dtype = headers[name]
+        size = _nbytes(shape, dtype)
+        return LayerRow(name, shape[1], shape[2], None, size, size, note, shape[0])
     key = f"{name}.weight"
     if key not in headers:  # a head tied to the embedding is stored once, under the embedding
         return LayerRow(name, 0, 0, None, 0, 0, f"{note} (tied: stored with the weight it is tied to)")
@@ -148,6 +184,7 @@ def format_report(report: CheckpointReport, per_layer: bool = True) -> str:
         for r in report.layers:
             rank = "-" if r.rank is None else str(r.rank)
             shape = f"{r.out_features}x{r.in_features}" if r.out_features else "-"
+            shape = f"{r.experts}x{shape}" if r.experts else shape
             lines.append(f"{r.name:<48} {shape:>11} {rank:>5} {r.dense_bytes:>10} {r.stored_bytes:>10}  {r.note or 'compressed'}")
         lines.append("")
     n = len(report.compressed)
@@ -166,4 +203,21 @@ def format_report(report: CheckpointReport, per_layer: bool = True) -> str:
         f"bits per weight: {report.bits_per_weight_compressed():.2f} over compressed layers, "
         f"{report.bits_per_weight_overall():.2f} overall"
     )
+    lines.extend(coverage_lines(report.coverage))
     return "\n".join(lines)
+
+
+def coverage_lines(coverage: dict[str, Any] | None) -> list[str]:
+    """The recorded coverage as summary lines: the compressed share, then what stayed dense and why."""
+    if not coverage:
+        return ["coverage: not recorded (checkpoint written before coverage was recorded)"]
+    non_embedding = max(int(coverage.get("parameters", 0)) - int(coverage.get("embedding", 0)), 1)
+    compressed = int(coverage.get("compressed", 0))
+    lines = [(f"coverage: {compressed:,} of {non_embedding:,} non-embedding parameters compressed "
+              f"({compressed / non_embedding:.1%}); embeddings {int(coverage.get('embedding', 0)):,} dense")]
+    for reason, count in sorted((coverage.get("dense") or {}).items(), key=lambda kv: -int(kv[1])):
+        lines.append(f"  dense, {reason}: {int(count):,} ({int(count) / non_embedding:.1%})")
+    fallback = coverage.get("experts_calibrated_data_free")
+    if fallback:
+        lines.append(f"  experts with too few routed calibration tokens (compressed data-free): {fallback['experts']} of {fallback['of']}")
+    return lines

@@ -71,6 +71,8 @@ class SVDQuantConfig(QuantizationConfigMixin):
             inputs on CPU, where the float head is the largest read per token; the checkpoint still
             stores the float head (often tied to the embedding), so this costs 1 byte per head weight
             of memory and nothing on disk. Larger inputs (prefill) use the float head.
+        coverage: Recorded at compression: the parameters compressed and those kept dense, by reason
+            (see :mod:`hf_svdq.compression.coverage`); saved, not an input.
         format_version: Version of the on-disk layout (:data:`hf_svdq.format.layout.FORMAT_VERSION`).
 
     Raises:
@@ -97,6 +99,7 @@ class SVDQuantConfig(QuantizationConfigMixin):
         ranks: Mapping[str, int] | None = None,
         dense: Mapping[str, str] | None = None,
         int8_head: bool = False,
+        coverage: Mapping[str, Any] | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
         **kwargs: Any,
@@ -133,6 +136,8 @@ class SVDQuantConfig(QuantizationConfigMixin):
         self.layer_bits = self._validate_layer_bits(layer_bits, residual_bits)
         _require(isinstance(int8_head, bool), f"int8_head must be True or False, got {int8_head!r}")
         self.int8_head = int8_head
+        _require(coverage is None or isinstance(coverage, Mapping), f"coverage must be a mapping or None, got {coverage!r}")
+        self.coverage = None if coverage is None else dict(coverage)
         self._check_rank_policy()
 
     def _check_rank_policy(self) -> None:
@@ -327,6 +332,7 @@ class SVDQuantConfig(QuantizationConfigMixin):
             "ranks": None if self.ranks is None else dict(self.ranks),
             "dense": None if self.dense is None else dict(self.dense),
             "int8_head": self.int8_head,
+            "coverage": self.coverage,
         }
 
 

@@ -128,10 +128,13 @@ class SVDQuantizer(HfQuantizer):
                 config.layer_bits = recorded_layer_bits(result.decisions, config.residual_bits)
             config.prediction = result.prediction
             log_plan(result.decisions)
+            _record_coverage(model, config, result.decisions, result.expert_fallback)
             _keep_fused_expert_names(model)
             _attach_hub(model)
             _maybe_int8_head(model, config)
             return
+        if not self.pre_quantized:
+            _record_coverage(model, config, self._decisions, {})
         _keep_fused_expert_names(model)
         _attach_hub(model)
         _maybe_int8_head(model, config)
@@ -167,6 +170,8 @@ class SVDQuantizer(HfQuantizer):
     def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:
         from ..nn.head import SVDQInt8Head
 
+        if isinstance(dtype, str):  # some transformers versions pass config.dtype, a string such as "float32"
+            dtype = getattr(torch, dtype.removeprefix("torch."))
         for name, module in list(model.named_modules()):
             if isinstance(module, (*COMPRESSED_LAYERS, SVDQInt8Head, SVDQExperts)):
                 model.set_submodule(name, module.to_dense_module(dtype))
@@ -362,6 +367,23 @@ def _swap_in_experts(model: nn.Module, decisions: list[LayerDecision], dense_pla
                 shape = new._parameters[stack].shape  # type: ignore[union-attr]
                 new._parameters[stack] = nn.Parameter(torch.empty(shape, dtype=new.compute_dtype, device="meta"), requires_grad=False)
         model.set_submodule(module_name, new)
+
+
+def _record_coverage(model: nn.Module, config: SVDQuantConfig, decisions: list[LayerDecision],
+                     fallback: dict[str, int]) -> None:
+    """Measure what was compressed (:mod:`hf_svdq.compression.coverage`), log it, warn about unsupported
+    module types, and record it (with per-expert calibration fallbacks) in the config that is saved."""
+    from ..compression.coverage import measure_coverage, warn_unsupported
+
+    coverage = measure_coverage(model, decisions)
+    for line in coverage.lines():
+        logger.info("hf_svdq: %s", line)
+    warn_unsupported(coverage)
+    recorded = coverage.to_dict()
+    if fallback:
+        recorded["experts_calibrated_data_free"] = {"experts": sum(fallback.values()),
+                                                    "of": sum(d.spec.experts for d in decisions if d.spec.name in fallback)}
+    config.coverage = recorded
 
 
 def _keep_fused_expert_names(model: nn.Module) -> None:
