@@ -200,3 +200,14 @@ def test_inspect_and_model_card_report_experts_and_coverage(moe_checkpoint, tmp_
     assert "4x128x64" in text and "coverage:" in text and "router" in text
     card = str(build_model_card(tmp_path, "user/tiny-gpt-oss-svdq"))
     assert "non-embedding parameters compressed" in card
+
+
+@pytest.mark.parametrize("format", ["gguf", "awq-lora"])
+def test_exports_refuse_expert_stacks_by_name(format: str, moe_checkpoint, tmp_path: Path) -> None:
+    from hf_svdq.publishing.exports import export
+
+    model = _load(moe_checkpoint("qwen3_moe"), SVDQuantConfig(rank=8, residual_bits=4, group_size=32))
+    model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=r"mixture-of-experts stacks.*experts\.(gate_up|down)_proj"):
+        export(tmp_path / "ckpt", tmp_path / "out", format=format)
+    assert not (tmp_path / "out").exists()

@@ -170,6 +170,8 @@ class SVDQuantizer(HfQuantizer):
     def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:
         from ..nn.head import SVDQInt8Head
 
+        if hasattr(model, "_hf_svdq_weight_conversions"):  # dense experts again: save them as transformers would
+            model._weight_conversions = model.__dict__.pop("_hf_svdq_weight_conversions")
         if isinstance(dtype, str):  # some transformers versions pass config.dtype, a string such as "float32"
             dtype = getattr(torch, dtype.removeprefix("torch."))
         for name, module in list(model.named_modules()):
@@ -406,6 +408,7 @@ def _keep_fused_expert_names(model: nn.Module) -> None:
         if any(re.search(str(t).replace("*", r"\d+"), name) for t in targets for name in stacks):
             continue
         kept.append(conversion)
+    model._hf_svdq_weight_conversions = conversions  # type: ignore[assignment]  # restored by dequantize()
     model._weight_conversions = kept  # type: ignore[assignment]
 
 

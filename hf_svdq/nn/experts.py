@@ -4,7 +4,7 @@ transformers 5 holds a MoE block's experts as one module with 3-D parameters (``
 ``[E, 2I, H]`` and ``down_proj`` ``[E, H, I]``; transposed, ``[E, H, 2I]`` / ``[E, I, H]``, with biases in
 gpt-oss) and a forward that loops over the routed experts (``@use_experts_implementation``). This
 module is generic over that pattern, not one class per model: :func:`find_expert_stacks` recognises
-any module the decorator marks (``is_transposed``, ``has_bias``, ``has_gate``), and :class:`SVDQExperts`
+any module the decorator marks (``is_transposed``, ``has_bias``; ``has_gate`` where present), and :class:`SVDQExperts`
 copies that module's attributes (activation, gpt-oss's ``alpha``/``limit``, its ``_apply_gate``) and
 replaces the stacks it compresses with the tensors :func:`hf_svdq.format.layout.expert_tensors`
 declares. Stacks it does not compress stay the module's dense parameters. The forward runs
@@ -59,7 +59,7 @@ def unsupported_reason(module: nn.Module) -> str | None:
     """Why a fused-experts module cannot be compressed by :class:`SVDQExperts` (None: it can)."""
     if isinstance(module, SVDQExperts):
         return None
-    missing = [a for a in ("is_transposed", "has_bias", "has_gate") if not hasattr(module, a)]
+    missing = [a for a in ("is_transposed", "has_bias") if not hasattr(module, a)]  # has_gate: 5.x later, default True
     if missing:
         return f"{type(module).__name__} does not follow transformers' experts interface (no {', '.join(missing)})"
     if getattr(module, "has_post_expert_norm", False):
