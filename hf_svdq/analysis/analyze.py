@@ -14,6 +14,7 @@ import json
 import logging
 import statistics
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,7 +148,12 @@ def _reused_probes(report: dict[str, Any], setting: dict[str, Any], groups: dict
 
 def _plan(model: nn.Module, tokenizer: Any, config: SVDQuantConfig) -> tuple[list[LayerDecision], CompressionSettings, torch.Tensor | None]:
     """The config resolved once: the per-layer plan, the algorithm settings and the calibration tokens."""
-    decisions = resolve_plan(find_linear_layers(model), config, protected_layers(model), next(model.parameters()).element_size())
+    stacks = len(find_linear_layers(model)) - len(find_linear_layers(model, experts=False))
+    if stacks:
+        warnings.warn(f"hf-svdq analyze studies Linear layers only: the {stacks} mixture-of-experts stack(s) of this model "
+                      "are left out of the analysis (they are compressed by from_pretrained as usual)", UserWarning, stacklevel=3)
+    decisions = resolve_plan(find_linear_layers(model, experts=False), config, protected_layers(model),
+                             next(model.parameters()).element_size())
     ids = config.calibration.token_ids(tokenizer, model) if config.calibration is not None else None
     return decisions, compression_settings(config), ids
 
