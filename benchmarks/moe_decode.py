@@ -29,7 +29,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _results import emit  # noqa: E402
+from _results import emit
 
 
 def cpu() -> str:
