@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,14 +88,8 @@ def check_layer(
     bits: int | None = None, group_size: int | None = None,
 ) -> None:
     """Raise ``ValueError`` naming the tensor if the checkpoint lacks or misshapes a tensor of ``name``."""
-    for key, (shape, dtypes) in expected_tensors(name, out_features, in_features, rank, bits, group_size).items():
-        if key not in headers:
-            raise ValueError(f"hf_svdq checkpoint is missing tensor {key} (compressed layer {name}, rank {rank})")
-        got_shape, got_dtype = headers[key]
-        if got_shape != shape or got_dtype not in dtypes:
-            raise ValueError(
-                f"hf_svdq checkpoint tensor {key} is {got_dtype}{list(got_shape)}, expected {'/'.join(dtypes)}{list(shape)}"
-            )
+    expected = expected_tensors(name, out_features, in_features, rank, bits, group_size)
+    _check_tensors(headers, expected, f"compressed layer {name}, rank {rank}")
 
 
 def check_expert_stack(
@@ -105,12 +99,17 @@ def check_expert_stack(
     """:func:`check_layer` for an expert stack ``name`` (``<experts module>.<stack>``) of ``experts`` matrices."""
     module, _, stack = name.rpartition(".")
     shape = fmt.LayerShape(out_features, in_features, rank, bits, group_size)
-    for tensor, (dtype, expected) in fmt.expert_tensors(stack, shape, experts).items():
-        key, dtypes = f"{module}.{tensor}", fmt.SAFETENSORS_DTYPES[dtype]
+    expected = {f"{module}.{tensor}": (dims, fmt.SAFETENSORS_DTYPES[dtype])
+                for tensor, (dtype, dims) in fmt.expert_tensors(stack, shape, experts).items()}
+    _check_tensors(headers, expected, f"compressed expert stack {name}, rank {rank}")
+
+
+def _check_tensors(headers: TensorHeaders, expected: Mapping[str, tuple[tuple[int, ...], Sequence[str]]], what: str) -> None:
+    for key, (shape, dtypes) in expected.items():
         if key not in headers:
-            raise ValueError(f"hf_svdq checkpoint is missing tensor {key} (compressed expert stack {name}, rank {rank})")
+            raise ValueError(f"hf_svdq checkpoint is missing tensor {key} ({what})")
         got_shape, got_dtype = headers[key]
-        if got_shape != expected or got_dtype not in dtypes:
+        if got_shape != shape or got_dtype not in dtypes:
             raise ValueError(
-                f"hf_svdq checkpoint tensor {key} is {got_dtype}{list(got_shape)}, expected {'/'.join(dtypes)}{list(expected)}"
+                f"hf_svdq checkpoint tensor {key} is {got_dtype}{list(got_shape)}, expected {'/'.join(dtypes)}{list(shape)}"
             )
