@@ -1,10 +1,10 @@
 """Quality on real weights for mixture-of-experts: SmolLM2-135M-Instruct sparsely upcycled into a Mixtral.
 
-We have no real MoE checkpoint offline, so this builds one: a ``MixtralForCausalLM`` with SmolLM2's
-attention, norms and embeddings, 8 experts per block, each a copy of SmolLM2's MLP plus independent
-Gaussian noise of ``--noise`` (default 1%) of each weight row's standard deviation, a random router
-(normal, std 0.02, seeded), top-2 with renormalised weights (Mixtral's routing). It is cached in
-``$HF_SVDQ_CACHE/smollm2-moe-8x`` (default ``~/.cache/hf_svdq``).
+We have no real MoE checkpoint offline, so :func:`hf_svdq.real_moe.smollm2_moe_checkpoint` builds one: a
+``MixtralForCausalLM`` with SmolLM2's attention, norms and embeddings, 8 experts per block, each a copy of
+SmolLM2's MLP plus independent Gaussian noise of ``--noise`` (default 1%) of each weight row's standard
+deviation, a random router (normal, std 0.02, seeded), top-2 with renormalised weights (Mixtral's
+routing), cached in the hf_svdq cache (``@smollm2-moe`` in the CLI).
 
 Then, on the held-out chapter of *Emma* the after-compress check uses (never calibration text):
 
@@ -23,7 +23,6 @@ One JSON row per measurement, appended to ``benchmarks/results/moe-upcycle.jsonl
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,58 +33,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _results import emit
 from moe_decode import cpu
-
-EXPERTS, TOP_K, ROUTER_STD = 8, 2, 0.02
-
-
-def upcycled_checkpoint(noise: float = 0.01, seed: int = 0) -> Path:
-    """The upcycled Mixtral folder (built once, then reused)."""
-    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
-
-    from hf_svdq.real_model import cache_root, smollm2_checkpoint
-
-    folder = cache_root() / f"smollm2-moe-{EXPERTS}x-noise{noise:g}-seed{seed}"
-    if (folder / "config.json").is_file():
-        return folder
-    source = smollm2_checkpoint()
-    base = json.loads((source / "config.json").read_text())
-    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
-            "bos_token_id", "eos_token_id", "pad_token_id", "rope_theta", "rope_parameters", "rope_scaling", "hidden_act")
-    config = MixtralConfig(**{k: base[k] for k in keep if base.get(k) is not None}, num_local_experts=EXPERTS,
-                           num_experts_per_tok=TOP_K, sliding_window=None)
-    from safetensors.torch import load_file
-
-    dense = {}
-    for f in sorted(source.glob("*.safetensors")):
-        dense.update(load_file(str(f)))
-    generator = torch.Generator().manual_seed(seed)
-    state: dict[str, torch.Tensor] = {}
-    for key, value in dense.items():
-        if ".mlp." not in key:
-            state[key] = value
-    for layer in range(config.num_hidden_layers):
-        p = f"model.layers.{layer}.mlp."
-        gate, up, down = dense[p + "gate_proj.weight"], dense[p + "up_proj.weight"], dense[p + "down_proj.weight"]
-
-        def noisy(w: torch.Tensor) -> torch.Tensor:
-            rows = w.float().std(dim=1, keepdim=True)
-            return (w.float() + noise * rows * torch.randn(w.shape, generator=generator)).to(w.dtype)
-
-        state[p + "experts.gate_up_proj"] = torch.stack([torch.cat([noisy(gate), noisy(up)]) for _ in range(EXPERTS)])
-        state[p + "experts.down_proj"] = torch.stack([noisy(down) for _ in range(EXPERTS)])
-        state[p + "gate.weight"] = ROUTER_STD * torch.randn(EXPERTS, config.hidden_size, generator=generator)
-    model = MixtralForCausalLM(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied
-    if missing or unexpected:
-        raise RuntimeError(f"upcycling left missing {missing[:3]} / unexpected {unexpected[:3]} tensors")
-    model.tie_weights()
-    partial = folder.with_name(folder.name + ".partial")
-    model.save_pretrained(partial)
-    AutoTokenizer.from_pretrained(source).save_pretrained(partial)
-    partial.rename(folder)
-    return folder
 
 
 def perplexity(model: torch.nn.Module, tokenizer: object, tokens: int) -> float:
@@ -136,8 +83,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_svdq.real_model import smollm2_checkpoint
+    from hf_svdq.real_moe import smollm2_moe_checkpoint
 
-    smol, moe = smollm2_checkpoint(), upcycled_checkpoint(args.noise)
+    smol, moe = smollm2_checkpoint(), smollm2_moe_checkpoint(noise=args.noise)
     print(f"# CPU: {cpu()}", flush=True)
     if "dense" in only:
         tokenizer = AutoTokenizer.from_pretrained(smol)

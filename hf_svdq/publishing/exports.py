@@ -54,7 +54,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, format: str = "gguf", *,
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     source = resolve_checkpoint(checkpoint)
-    _refuse_experts(source, format)
+    if format != "gguf":
+        _refuse_experts(source, format)
     check_output_folder(out_dir, [source], overwrite=overwrite)
     with atomic_folder(out_dir, overwrite=overwrite) as folder:
         if format == "gguf":
@@ -74,8 +75,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, format: str = "gguf", *,
 
 
 def _refuse_experts(source: Path, format: str) -> None:
-    """Neither exporter writes mixture-of-experts stacks yet: refuse such a checkpoint by name rather than
-    write a file whose experts are missing."""
+    """The AWQ exporter does not write mixture-of-experts stacks yet: refuse such a checkpoint by name rather
+    than write a folder whose experts are missing."""
     from ..format.inspect import checkpoint_report
 
     stacks = [r.name for r in checkpoint_report(source).layers if r.experts]

@@ -16,7 +16,14 @@ and llama.cpp's ``gguf-py/gguf/quants.py``):
   ``convert_hf_to_gguf.py`` does). The permutation moves whole rows, so Q4_1 blocks and the LoRA
   ``lora_b`` rows move with them.
 
-Supported: the Llama and Qwen2 architectures (SmolLM2, Llama 2/3, Qwen2/2.5 layouts without rope scaling) with a BPE
+* Mixture-of-experts stacks (Mixtral, Qwen3-MoE) become llama.cpp's 3-D expert tensors
+  ``blk.N.ffn_gate_exps`` / ``ffn_up_exps`` / ``ffn_down_exps`` (numpy ``[E, out, in]``; ``gate_up_proj`` is
+  split at its middle row into gate and up, as transformers concatenates them), Q4_1 like any INT4 layer.
+  Their corrections become 3-D LoRA pairs (``lora_a`` ``[E, r, in]``, ``lora_b`` ``[E, out, r]``), which
+  llama.cpp applies through ``build_lora_mm_id`` to the routed experts only. The router is
+  ``ffn_gate_inp`` (float).
+
+Supported: the Llama, Qwen2, Mixtral and Qwen3-MoE architectures (SmolLM2, Llama 2/3, Qwen2/2.5 layouts without rope scaling) with a BPE
 (GPT-2 style) tokenizer whose pre-tokenizer llama.cpp knows (:data:`PRE_TOKENIZERS`). Pure low-rank
 layers have no quantized base to map and are refused, with the reason. The tokenizer, its merges,
 special tokens and chat template are carried over.
@@ -59,8 +66,10 @@ PRE_TOKENIZERS = {
 """sha256 of ``str(tokenizer.encode(CHKTXT))`` -> llama.cpp's ``tokenizer.ggml.pre`` (same source)."""
 
 Q4_1_BLOCK = 32
-ARCHITECTURES = {"llama": True, "qwen2": False}
-"""model_type -> whether q/k rows are permuted (llama.cpp's converter permutes Llama's, not Qwen2's)."""
+ARCHITECTURES = {"llama": True, "qwen2": False, "mixtral": True, "qwen3_moe": False}
+"""model_type -> whether q/k rows are permuted (llama.cpp's converter permutes Llama's and Mixtral's, not Qwen's)."""
+GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "mixtral": "llama", "qwen3_moe": "qwen3moe"}
+"""model_type -> llama.cpp architecture (Mixtral is llama.cpp's ``llama`` with experts)."""
 
 
 @dataclass
@@ -154,6 +163,27 @@ def _model_metadata(writer: Any, config: dict[str, Any]) -> None:
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     writer.add_vocab_size(config["vocab_size"])
     writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads)
+    if config.get("head_dim"):
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
+    experts = config.get("num_local_experts") or config.get("num_experts")
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+        if config.get("moe_intermediate_size"):
+            writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+
+
+def _check_moe(config: dict[str, Any]) -> None:
+    """Refuse MoE settings llama.cpp's graph for the architecture does not compute (naming the setting)."""
+    arch = config.get("model_type")
+    if arch == "mixtral" and config.get("sliding_window"):
+        raise ValueError(f"Mixtral with sliding_window {config['sliding_window']}: llama.cpp's llama graph has no sliding window")
+    if arch == "qwen3_moe":
+        if not config.get("norm_topk_prob"):
+            raise ValueError("Qwen3-MoE with norm_topk_prob false: llama.cpp's qwen3moe graph renormalises the top-k weights")
+        if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
+            raise ValueError("Qwen3-MoE with dense-MLP layers (mlp_only_layers / decoder_sparse_step) is not exported yet")
 
 
 def _layer_tensors(handle: Any, name: str) -> Iterator[str]:
@@ -165,7 +195,9 @@ def _gguf_compatible(config: dict[str, Any]) -> tuple[SVDQuantConfig, str]:
     qconfig = SVDQuantConfig.from_dict(config.get("quantization_config") or {})
     arch = config.get("model_type")
     if arch not in ARCHITECTURES:
-        raise ValueError(f"GGUF export supports model_type {sorted(ARCHITECTURES)} (SmolLM2, Llama, Qwen2); got {arch!r}")
+        raise ValueError(f"GGUF export supports model_type {sorted(ARCHITECTURES)} (SmolLM2, Llama, Qwen2, Mixtral, "
+                         f"Qwen3-MoE); got {arch!r}")
+    _check_moe(config)
     if qconfig.residual_bits is None:
         raise ValueError("pure low-rank checkpoints have no quantized base for GGUF to hold; export a residual-mode "
                          "(residual_bits=4) checkpoint, whose base maps onto Q4_1 and whose correction onto a LoRA adapter")
@@ -206,17 +238,24 @@ def export_gguf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str |
     out.mkdir(parents=True, exist_ok=True)
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads", heads)
-    names = gguf.TensorNameMap(getattr(gguf.MODEL_ARCH, arch.upper()), config["num_hidden_layers"])
+    gguf_arch = GGUF_ARCH[arch]
+    names = gguf.TensorNameMap(getattr(gguf.MODEL_ARCH, gguf_arch.upper()), config["num_hidden_layers"])
     permute = ARCHITECTURES[arch]
     compressed = set(qconfig.ranks or {})
     result = GGUFExport(out / "model.gguf", None)
-    base, lora = _writers(result.base, out / "lora.gguf", arch)
+    base, lora = _writers(result.base, out / "lora.gguf", gguf_arch)
     _model_metadata(base, config)
     _tokenizer_metadata(base, Path(tokenizer) if tokenizer is not None else folder, config["vocab_size"])
     owner = tensor_owners(folder)
     has_lora = False
+    stacks = expert_stacks(owner)
     for hf_name in tqdm(sorted(owner), desc="exporting to GGUF", disable=not progress):
         layer, _, tensor_name = hf_name.rpartition(".")
+        stack = stacks.get(hf_name)
+        if stack is not None:
+            if hf_name == stack:  # the stack's other tensors are written with its codes
+                has_lora |= _write_stack(base, lora, owner, stack, stack in compressed, qconfig, names, result)
+            continue
         if layer in compressed and tensor_name != "bias":
             if tensor_name != fmt.CODES:
                 continue  # the layer's other tensors are written with its codes
@@ -235,6 +274,71 @@ def export_gguf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str |
     if has_lora:
         result.adapter = out / "lora.gguf"
     return result
+
+
+def expert_stacks(owner: dict[str, Any]) -> dict[str, str]:
+    """``{tensor name: its expert stack}`` for every tensor of a (compressed or dense) expert stack."""
+    out: dict[str, str] = {}
+    for name in owner:
+        module, _, last = name.rpartition(".")
+        if module.endswith(".experts") and last in fmt.EXPERT_STACKS:
+            out[name] = name
+            for tensor in fmt.LOW_RANK_TENSORS + fmt.BASE_TENSORS + fmt.CORRECTION_TENSORS:
+                companion = f"{module}.{fmt.expert_tensor_name(last, tensor.name)}"
+                if companion in owner:
+                    out[companion] = name
+    return out
+
+
+def _write_stack(base: Any, lora: Any, owner: dict[str, Any], stack: str, is_compressed: bool, qconfig: SVDQuantConfig,
+                 names: Any, result: GGUFExport) -> bool:
+    """One expert stack as llama.cpp's 3-D ``ffn_*_exps`` tensors (``gate_up_proj`` split into gate and up),
+    its correction as 3-D LoRA pairs; True when it has one."""
+    import gguf
+
+    module, _, last = stack.rpartition(".")
+
+    def get(tensor: str) -> torch.Tensor:
+        key = f"{module}.{fmt.expert_tensor_name(last, tensor)}"
+        return owner[key].get_tensor(key)
+
+    first = get(fmt.CODES)
+    rows = first.shape[1]
+    parts = (("gate_proj", slice(0, rows // 2)), ("up_proj", slice(rows // 2, rows))) if last == "gate_up_proj" \
+        else (("down_proj" if last == "down_proj" else "up_proj", slice(0, rows)),)
+    bits, group = qconfig.bits_for(stack), qconfig.group_size
+    has_lora = False
+    for part, sel in parts:
+        gguf_name = names.get_name(f"{module}.{part}.weight", try_suffixes=(".weight",))
+        if gguf_name is None:
+            raise ValueError(f"expert stack {stack} has no llama.cpp name for this architecture")
+        if not is_compressed:  # a dense stack (a skip pattern): float, [E, out, in]
+            base.add_tensor(gguf_name, first[:, sel].float().numpy())
+            result.tensors[gguf_name] = "F32"
+            continue
+        if bits is None:
+            raise ValueError(f"{stack} is pure low rank: no quantized base for GGUF to hold")
+        codes, scale, zero = first[:, sel], get(fmt.GROUP_SCALE)[:, sel], get(fmt.GROUP_ZERO)[:, sel]
+        if bits == 4:
+            group = group or codes.shape[2] * codes.shape[3] * 2
+            blocks = [q4_1_blocks(codes[e], scale[e], zero[e], group) for e in range(codes.shape[0])]
+            base.add_tensor(gguf_name, np.stack([b for b, _ in blocks]), raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+            result.tensors[gguf_name] = "Q4_1"
+            kind = f"experts.{part}"
+            result.max_offset_error[kind] = max([result.max_offset_error.get(kind, 0.0)] + [e for _, e in blocks])
+        else:
+            weight = torch.stack([dequantize_groups(unpack_codes(codes[e], 8), scale[e], zero[e], codes.shape[3], torch.float32)
+                                  for e in range(codes.shape[0])])
+            base.add_tensor(gguf_name, weight.numpy())
+            result.tensors[gguf_name] = "F32"
+        if f"{module}.{fmt.expert_tensor_name(last, fmt.CORR_LEFT)}" not in owner:
+            continue
+        lora_b = get(fmt.CORR_LEFT)[:, sel].float() * get(fmt.CORR_LEFT_SCALE)[:, sel].float()[..., None]
+        lora_a = get(fmt.RIGHT).float() * get(fmt.RIGHT_SCALE).float()[..., None]
+        lora.add_tensor(gguf_name + ".lora_a", lora_a.contiguous().numpy())
+        lora.add_tensor(gguf_name + ".lora_b", lora_b.contiguous().numpy())
+        has_lora = True
+    return has_lora
 
 
 def _write_files(writers: tuple[Any, ...], progress: bool) -> None:
