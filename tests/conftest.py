@@ -178,3 +178,37 @@ def qwen2_gguf_export(smollm2_path: Path, tmp_path_factory: pytest.TempPathFacto
     compressed.save_pretrained(root / "compressed")
     export_gguf(root / "compressed", root / "gguf", tokenizer=smollm2_path, progress=False)
     return root / "compressed", root / "gguf"
+
+
+@pytest.fixture(scope="session")
+def moe_gguf_exports(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """Random 2-block Mixtral and Qwen3-MoE (128 wide, 4 experts of width 64, top-2) with SmolLM2's vocabulary,
+    compressed as INT4 g32 + rank 8 (attention and every expert stack) and exported to GGUF with SmolLM2's
+    tokenizer: ``{arch: (compressed checkpoint, GGUF folder)}``."""
+    import transformers as tf
+
+    from hf_svdq import SVDQuantConfig
+    from hf_svdq.publishing.gguf_export import export_gguf
+
+    from .moe_models import moe_config
+
+    out = {}
+    for arch in ("mixtral", "qwen3_moe"):
+        root = tmp_path_factory.mktemp(f"{arch}-gguf")
+        config = moe_config(arch)
+        config.vocab_size, config.hidden_size, config.max_position_embeddings = 49152, 128, 512
+        if arch == "qwen3_moe":
+            config.norm_topk_prob, config.head_dim = True, 32
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():  # larger than the default init, so every layer matters to the logits
+            for param in model.parameters():
+                if param.dim() >= 2:
+                    param.normal_(0, 0.08)
+        model.save_pretrained(root / "dense")
+        compressed = tf.AutoModelForCausalLM.from_pretrained(
+            root / "dense", quantization_config=SVDQuantConfig(rank=8, residual_bits=4, group_size=32))
+        compressed.save_pretrained(root / "compressed")
+        export_gguf(root / "compressed", root / "gguf", tokenizer=smollm2_path, progress=False)
+        out[arch] = (root / "compressed", root / "gguf")
+    return out

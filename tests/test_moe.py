@@ -202,12 +202,22 @@ def test_inspect_and_model_card_report_experts_and_coverage(moe_checkpoint, tmp_
     assert "non-embedding parameters compressed" in card
 
 
-@pytest.mark.parametrize("format", ["gguf", "awq-lora"])
-def test_exports_refuse_expert_stacks_by_name(format: str, moe_checkpoint, tmp_path: Path) -> None:
+def test_awq_export_refuses_expert_stacks_by_name(moe_checkpoint, tmp_path: Path) -> None:
     from hf_svdq.publishing.exports import export
 
     model = _load(moe_checkpoint("qwen3_moe"), SVDQuantConfig(rank=8, residual_bits=4, group_size=32))
     model.save_pretrained(tmp_path / "ckpt")
     with pytest.raises(ValueError, match=r"mixture-of-experts stacks.*experts\.(gate_up|down)_proj"):
-        export(tmp_path / "ckpt", tmp_path / "out", format=format)
+        export(tmp_path / "ckpt", tmp_path / "out", format="awq-lora")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("arch", "match"), [("qwen3_moe", "norm_topk_prob"), ("gpt_oss", "model_type")])
+def test_gguf_export_refuses_moe_settings_llama_cpp_does_not_compute(arch: str, match: str, moe_checkpoint,
+                                                                     tmp_path: Path) -> None:
+    from hf_svdq.publishing.gguf_export import export_gguf
+
+    model = _load(moe_checkpoint(arch), SVDQuantConfig(rank=8, residual_bits=4, group_size=32))
+    model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=match):
+        export_gguf(tmp_path / "ckpt", tmp_path / "out", progress=False)

@@ -40,7 +40,7 @@ from ..compression.plan import (
 )
 from ..format import layout as fmt
 from ..format.checkpoint import check_expert_stack, check_layer, check_single_or_sharded, read_headers
-from ..nn.experts import StackFormat, SVDQExperts
+from ..nn.experts import StackFormat, SVDQExperts, find_expert_stacks
 from ..nn.layers import COMPRESSED_LAYERS, SVDQLinear, SVDQResidualLinear
 from ..nn.low_rank import dense_weight_of
 from .config import SVDQuantConfig
@@ -389,16 +389,17 @@ def _record_coverage(model: nn.Module, config: SVDQuantConfig, decisions: list[L
 
 
 def _keep_fused_expert_names(model: nn.Module) -> None:
-    """Save compressed expert stacks under the names they have in the model. transformers' save reverts
+    """Save expert stacks (compressed, and dense ones beside them) under the names they have in the model, so
+    an hf_svdq checkpoint always holds experts fused. transformers' save reverts
     its load-time conversions (e.g. ``experts.gate_up_proj`` back into per-expert ``gate_proj``/``up_proj``
     weights, Mixtral's ``mlp`` back to ``block_sparse_moe``), which would split the stacked codes and their
     companions apart or rename them away from what the header check reads; every conversion whose target
-    names a compressed stack is dropped from what the save reverts (reload reads the names as they are:
+    names an expert stack is dropped from what the save reverts (reload reads the names as they are:
     no conversion's source matches them)."""
     import re
 
     conversions = getattr(model, "_weight_conversions", None)
-    stacks = [f"{name}.{stack}" for name, m in model.named_modules() if isinstance(m, SVDQExperts) for stack in m.formats]
+    stacks = [f"{name}.{s.name}" for name, m in model.named_modules() for s in find_expert_stacks(m)]
     if not conversions or not stacks:
         return
     kept = []
