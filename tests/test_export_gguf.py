@@ -103,7 +103,7 @@ def test_export_refuses_what_gguf_cannot_hold(tiny_checkpoint, tmp_path):
         export_gguf(tmp_path / "lowrank", tmp_path / "out")
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("gpt2"), quantization_config=SVDQuantConfig(rank=0, residual_bits=4, group_size=32))
     model.save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ValueError, match=r"supports model_type \['llama', 'qwen2'\]"):
+    with pytest.raises(ValueError, match=r"supports model_type \['llama', 'mixtral', 'qwen2', 'qwen3_moe'\]"):
         export_gguf(tmp_path / "gpt2", tmp_path / "out2")
 
 

@@ -202,12 +202,71 @@ def test_inspect_and_model_card_report_experts_and_coverage(moe_checkpoint, tmp_
     assert "non-embedding parameters compressed" in card
 
 
-def test_awq_export_refuses_expert_stacks_by_name(moe_checkpoint, tmp_path: Path) -> None:
+def _awq_moe_reference(folder: Path, arch: str) -> torch.nn.Module:
+    """An AWQ MoE folder read without hf_svdq: per-expert AWQ GEMM tensors (the published packing, tests/awq_reference)
+    plus their PEFT LoRA pairs, stacked into the fused experts of a fresh transformers model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .awq_reference import dequantize_gemm
+
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    state = load_file(str(folder / "model.safetensors"))
+    adapter = load_file(str(folder / "adapter" / "adapter_model.safetensors")) if (folder / "adapter").is_dir() else {}
+    weights: dict[str, torch.Tensor] = {}
+    for key in [k for k in state if k.endswith(".qweight")]:
+        layer = key[: -len(".qweight")]
+        w = dequantize_gemm(state[key], state[f"{layer}.qzeros"], state[f"{layer}.scales"], qc["group_size"])
+        a, b = adapter.get(f"base_model.model.{layer}.lora_A.weight"), adapter.get(f"base_model.model.{layer}.lora_B.weight")
+        weights[layer] = w + (b.float() @ a.float() if a is not None else 0)
+    names = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2")}.get(arch, ("mlp", "gate_proj", "up_proj", "down_proj"))
+    config = AutoConfig.from_pretrained(folder)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config).eval()
+    loaded = {k.replace(f".{names[0]}.", ".mlp."): v.float() for k, v in state.items()
+              if not k.endswith((".qweight", ".qzeros", ".scales"))}
+    for layer in range(config.num_hidden_layers):
+        prefix = f"model.layers.{layer}.{names[0]}.experts"
+        count = len({k.split(".")[5] for k in weights if k.startswith(prefix + ".")})
+        gate = [weights[f"{prefix}.{e}.{names[1]}"] for e in range(count)]
+        up = [weights[f"{prefix}.{e}.{names[2]}"] for e in range(count)]
+        down = [weights[f"{prefix}.{e}.{names[3]}"] for e in range(count)]
+        loaded[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([g, u]) for g, u in zip(gate, up)])
+        loaded[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack(down)
+    for key in [k for k in weights if ".experts." not in k]:  # attention: plain Linear + LoRA
+        loaded[f"{key}.weight"] = weights[key]
+    missing, unexpected = model.load_state_dict(loaded, strict=False)
+    assert not unexpected and not [m for m in missing if "lm_head" not in m], (missing[:3], unexpected[:3])
+    return model
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_awq_export_of_experts_reads_back_in_an_independent_reader(arch: str, moe_checkpoint, tmp_path: Path) -> None:
+    """Every expert as the per-expert AWQ layers vLLM's MoE loader reads (Mixtral's w1/w3/w2 under
+    block_sparse_moe, else gate/up/down_proj), its correction as per-expert LoRA pairs; read back without
+    hf_svdq, the model computes our logits."""
     from hf_svdq.publishing.exports import export
 
-    model = _load(moe_checkpoint("qwen3_moe"), SVDQuantConfig(rank=8, residual_bits=4, group_size=32))
+    model = _load(moe_checkpoint(arch), SVDQuantConfig(rank=8, residual_bits=4, group_size=32))
     model.save_pretrained(tmp_path / "ckpt")
-    with pytest.raises(ValueError, match=r"mixture-of-experts stacks.*experts\.(gate_up|down)_proj"):
+    summary = export(tmp_path / "ckpt", tmp_path / "awq", format="awq-lora", progress=False)
+    tensors = load_file(str(tmp_path / "awq" / "model.safetensors"))
+    block, gate = ("block_sparse_moe", "w1") if arch == "mixtral" else ("mlp", "gate_proj")
+    assert f"model.layers.0.{block}.experts.3.{gate}.qweight" in tensors
+    assert not [k for k in tensors if "gate_up_proj" in k or k.endswith("experts.down_proj")]
+    assert summary["dense_layers"][f"model.layers.0.{block}.gate"].startswith("router")
+    assert summary["awq_int4_layers"] == 2 * (4 + 4 * 3)  # per block: q, k, v, o and 4 experts x gate, up, down
+    reference = _awq_moe_reference(tmp_path / "awq", arch)
+    ours, theirs = _logits(model), _logits(reference)
+    assert (ours - theirs).abs().max() < 2e-3 * ours.abs().max()  # fp16 storage of the adapter and dense tensors
+
+
+def test_awq_export_refuses_experts_it_cannot_quantize_alike(moe_checkpoint, tmp_path: Path) -> None:
+    from hf_svdq.publishing.exports import export
+
+    config = SVDQuantConfig(rank=8, residual_bits=4, group_size=32, layer_bits={"model.layers.1.mlp.experts.down_proj": 8})
+    model = _load(moe_checkpoint("qwen3_moe"), config)
+    model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=r"expert layer model\.layers\.1\.mlp\.experts\.0\.down_proj cannot be AWQ INT4"):
         export(tmp_path / "ckpt", tmp_path / "out", format="awq-lora")
     assert not (tmp_path / "out").exists()
 

@@ -74,6 +74,21 @@ def tensor_owners(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return {key: handle for handle in handles for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
 
 
+def stack_tensor_names(names: list[str]) -> dict[str, str]:
+    """``{tensor name: its expert stack}`` for every tensor of a compressed or dense expert stack in ``names``."""
+    present = set(names)
+    out: dict[str, str] = {}
+    for name in names:
+        module, _, last = name.rpartition(".")
+        if module.endswith(".experts") and last in fmt.EXPERT_STACKS:
+            out[name] = name
+            for tensor in fmt.LOW_RANK_TENSORS + fmt.BASE_TENSORS + fmt.CORRECTION_TENSORS:
+                companion = f"{module}.{fmt.expert_tensor_name(last, tensor.name)}"
+                if companion in present:
+                    out[companion] = name
+    return out
+
+
 def expected_tensors(
     name: str, out_features: int, in_features: int, rank: int, bits: int | None = None, group_size: int | None = None
 ) -> dict[str, tuple[tuple[int, ...], Sequence[str]]]:

@@ -34,8 +34,9 @@ from tqdm.auto import tqdm
 
 from ..algorithms.groupquant import dequantize_groups, unpack_codes
 from ..format import layout as fmt
-from ..format.checkpoint import TOKENIZER_FILES, tensor_owners
+from ..format.checkpoint import TOKENIZER_FILES, stack_tensor_names, tensor_owners
 from ..integration.config import SVDQuantConfig
+from .awq_experts import PER_EXPERT_NAMES, original_name, split_expert_stacks
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 """Nibble ``i`` of a packed int32 holds output column ``8j + AWQ_ORDER[i]`` (AutoAWQ ``packing_utils.py``)."""
@@ -146,8 +147,28 @@ def export_awq_lora(checkpoint: str | Path, out_dir: str | Path, *, dtype: str =
 
     compressed = set(qconfig.ranks or {})
     linears = _dense_linears(config)
+    model_type = str(config.get("model_type"))
+    stack_of = stack_tensor_names(list(owner))
+    stacks = sorted(set(stack_of.values()))
+    experts = split_expert_stacks(stacks, get, model_type, compressed) if stacks else {}
+    virtual = {f"{layer}.{t}": v for layer, entry in experts.items() for t, v in entry.items()}
+    if experts:  # each expert is a Linear of its own to AWQ, at its stack's bits
+        per_expert = {n: qconfig.bits_for(stack) for n, stack in _expert_stack(experts, stacks, model_type).items()}
+        qconfig.layer_bits = {**(qconfig.layer_bits or {}), **{n: b for n, b in per_expert.items() if b is not None}}
+        compressed = (compressed - set(stacks)) | {n for n, e in experts.items() if fmt.CODES in e}
+        linears = linears + sorted(experts)
+
+    def get_any(name: str) -> torch.Tensor:
+        return virtual[name] if name in virtual else get(name)
+
     result = AWQExport(out, None)
-    _assign_layers(result, compressed, linears, qconfig, lambda name: get(name).shape, config.get("model_type"))
+    _assign_layers(result, compressed, linears, qconfig, lambda name: get_any(name).shape, model_type)
+    _check_experts(result, experts)
+    if experts:  # the original checkpoints' names (Mixtral's block_sparse_moe), and the routers stay dense
+        result.dense_layers = {original_name(n, model_type): why for n, why in result.dense_layers.items()}
+        for stack in stacks:
+            router = original_name(stack.rpartition(".")[0].rpartition(".")[0] + ".gate", model_type)
+            result.dense_layers[router] = "router (dense by design)"
 
     tensors: dict[str, torch.Tensor] = {}
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -156,13 +177,15 @@ def export_awq_lora(checkpoint: str | Path, out_dir: str | Path, *, dtype: str =
         error = float((exported.float() - stored.float()).abs().max()) if stored.numel() else 0.0
         result.max_rounding[what] = max(result.max_rounding.get(what, 0.0), error)
 
-    for name in tqdm(sorted(owner), desc="exporting to AWQ", disable=not progress):
+    names = sorted([n for n in owner if n not in stack_of] + list(virtual))
+    for name in tqdm(names, desc="exporting to AWQ", disable=not progress):
         layer, _, tensor_name = name.rpartition(".")
         if layer in compressed and tensor_name != "bias":
             if tensor_name == fmt.CODES:
-                _write_layer(layer, get, qconfig, layer in result.awq_layers, target, tensors, lora, note)
+                _write_layer(layer, get_any, qconfig, layer in result.awq_layers, target, tensors, lora, note)
             continue
-        tensor = get(name)
+        tensor = get_any(name)
+        name = original_name(name, model_type) if experts else name
         tensors[name] = tensor.to(target) if tensor.is_floating_point() else tensor
         if tensor.is_floating_point():
             note(f"dense tensors ({dtype})", tensors[name], tensor)
@@ -180,6 +203,27 @@ def export_awq_lora(checkpoint: str | Path, out_dir: str | Path, *, dtype: str =
         result.lora_rank = _write_adapter(out / ADAPTER_DIR, lora, target)
         result.adapter = out / ADAPTER_DIR
     return result
+
+
+def _expert_stack(experts: dict[str, Any], stacks: list[str], model_type: str) -> dict[str, str]:
+    """Per-expert layer -> the stack it came from."""
+    out = {}
+    for stack in stacks:
+        module, _, last = stack.rpartition(".")
+        prefix = original_name(module, model_type) + "."
+        parts = ("gate", "up") if last == "gate_up_proj" else ("down",) if last == "down_proj" else ("up",)
+        names = {PER_EXPERT_NAMES[model_type][1][p] for p in parts}
+        out.update({n: stack for n in experts if n.startswith(prefix) and n.rpartition(".")[2] in names})
+    return out
+
+
+def _check_experts(result: AWQExport, experts: dict[str, Any]) -> None:
+    """vLLM runs a MoE layer's experts as one fused kernel of one quantization: every expert must be AWQ INT4."""
+    for name in sorted(experts):
+        if name not in result.awq_layers:
+            raise ValueError(f"expert layer {name} cannot be AWQ INT4 ({result.dense_layers.get(name, 'not compressed')}): "
+                             "vLLM quantizes a MoE layer's experts all alike; compress every expert stack at 4 bits "
+                             "with a group size of 32, 64 or 128, or use the GGUF export")
 
 
 def _awq_compatible(config: dict[str, Any]) -> SVDQuantConfig:

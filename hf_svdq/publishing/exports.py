@@ -54,8 +54,6 @@ def export(checkpoint: str | Path, out_dir: str | Path, format: str = "gguf", *,
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     source = resolve_checkpoint(checkpoint)
-    if format != "gguf":
-        _refuse_experts(source, format)
     check_output_folder(out_dir, [source], overwrite=overwrite)
     with atomic_folder(out_dir, overwrite=overwrite) as folder:
         if format == "gguf":
@@ -72,17 +70,6 @@ def export(checkpoint: str | Path, out_dir: str | Path, format: str = "gguf", *,
                     "sha256": {p.relative_to(folder).as_posix(): _sha256(p) for p in files}, "summary": summary}
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return summary
-
-
-def _refuse_experts(source: Path, format: str) -> None:
-    """The AWQ exporter does not write mixture-of-experts stacks yet: refuse such a checkpoint by name rather
-    than write a folder whose experts are missing."""
-    from ..format.inspect import checkpoint_report
-
-    stacks = [r.name for r in checkpoint_report(source).layers if r.experts]
-    if stacks:
-        raise ValueError(f"{source}: the {format} export does not handle mixture-of-experts stacks yet ({len(stacks)} "
-                         f"stack(s), e.g. {stacks[0]}); serve this checkpoint with transformers, or export a dense-MLP model")
 
 
 def check_export(folder: str | Path) -> dict[str, Any]:

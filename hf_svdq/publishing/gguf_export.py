@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from ..algorithms.groupquant import dequantize_groups, unpack_codes
 from ..format import layout as fmt
-from ..format.checkpoint import tensor_owners
+from ..format.checkpoint import stack_tensor_names, tensor_owners
 from ..integration.config import SVDQuantConfig
 
 CHKTXT = (
@@ -248,7 +248,7 @@ def export_gguf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str |
     _tokenizer_metadata(base, Path(tokenizer) if tokenizer is not None else folder, config["vocab_size"])
     owner = tensor_owners(folder)
     has_lora = False
-    stacks = expert_stacks(owner)
+    stacks = stack_tensor_names(list(owner))
     for hf_name in tqdm(sorted(owner), desc="exporting to GGUF", disable=not progress):
         layer, _, tensor_name = hf_name.rpartition(".")
         stack = stacks.get(hf_name)
@@ -274,20 +274,6 @@ def export_gguf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str |
     if has_lora:
         result.adapter = out / "lora.gguf"
     return result
-
-
-def expert_stacks(owner: dict[str, Any]) -> dict[str, str]:
-    """``{tensor name: its expert stack}`` for every tensor of a (compressed or dense) expert stack."""
-    out: dict[str, str] = {}
-    for name in owner:
-        module, _, last = name.rpartition(".")
-        if module.endswith(".experts") and last in fmt.EXPERT_STACKS:
-            out[name] = name
-            for tensor in fmt.LOW_RANK_TENSORS + fmt.BASE_TENSORS + fmt.CORRECTION_TENSORS:
-                companion = f"{module}.{fmt.expert_tensor_name(last, tensor.name)}"
-                if companion in owner:
-                    out[companion] = name
-    return out
 
 
 def _write_stack(base: Any, lora: Any, owner: dict[str, Any], stack: str, is_compressed: bool, qconfig: SVDQuantConfig,
