@@ -212,3 +212,25 @@ def moe_gguf_exports(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactor
         export_gguf(root / "compressed", root / "gguf", tokenizer=smollm2_path, progress=False)
         out[arch] = (root / "compressed", root / "gguf")
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_moe_path(smollm2_path: Path) -> Path:
+    """The upcycled SmolLM2 mixture of experts (8 experts, top-2; :mod:`hf_svdq.real_moe`), built once and cached."""
+    from hf_svdq.real_moe import smollm2_moe_checkpoint
+
+    return smollm2_moe_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def smollm2_moe_int4_r24(smollm2_moe_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The upcycled MoE compressed once per session, data-free INT4 g64 + rank-24 correction on attention and
+    every expert stack, saved."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_svdq import SVDQuantConfig
+
+    folder = tmp_path_factory.mktemp("smollm2-moe-int4-r24")
+    config = SVDQuantConfig(rank=24, residual_bits=4, group_size=64)
+    AutoModelForCausalLM.from_pretrained(smollm2_moe_path, quantization_config=config).save_pretrained(folder)
+    return folder
