@@ -29,19 +29,20 @@ def heldout_ids(smollm2_path) -> torch.Tensor:  # type: ignore[no-untyped-def]
     return tokenize_text(tokenizer, HELDOUT_TEXT.read_text(encoding="utf-8"), TOKENS)
 
 
-def test_upcycled_moe_is_smollm2_and_compresses_every_expert(smollm2_path, smollm2_moe_path, smollm2_moe_int4_r24,
-                                                              heldout_ids) -> None:
+def test_upcycled_moe_is_smollm2_and_compresses_every_expert(smollm2_path, smollm2_int4_r24, smollm2_moe_path,
+                                                              smollm2_moe_int4_r24, heldout_ids) -> None:
     """Dense: the near-copy experts with normalised top-2 weights reproduce SmolLM2. Compressed data-free (INT4 g64 +
-    rank 24 everywhere): every expert stack compressed, coverage >= 99%, perplexity within 15% of its dense model
-    (SmolLM2 itself: 1.08x at this setting in the quality table)."""
+    rank 24 everywhere): every expert stack compressed, coverage > 99%, and the perplexity ratio to its own dense
+    model within 0.02 of SmolLM2's at the same setting (measured: 1.1473x against 1.1413x on these 512 tokens)."""
     smol = _perplexity(AutoModelForCausalLM.from_pretrained(smollm2_path).eval(), heldout_ids)
+    smol_ratio = _perplexity(AutoModelForCausalLM.from_pretrained(smollm2_int4_r24).eval(), heldout_ids) / smol
     dense = _perplexity(AutoModelForCausalLM.from_pretrained(smollm2_moe_path).eval(), heldout_ids)
-    compressed = AutoModelForCausalLM.from_pretrained(smollm2_moe_int4_r24).eval()
-    ratio = _perplexity(compressed, heldout_ids) / dense
+    ratio = _perplexity(AutoModelForCausalLM.from_pretrained(smollm2_moe_int4_r24).eval(), heldout_ids) / dense
     coverage = json.loads((smollm2_moe_int4_r24 / "config.json").read_text())["quantization_config"]["coverage"]
-    print(f"perplexity: SmolLM2 {smol:.3f}, upcycled MoE {dense:.3f}; compressed MoE {ratio:.4f}x; coverage {coverage}")
+    print(f"perplexity: SmolLM2 {smol:.3f}, upcycled MoE {dense:.3f}; compressed: SmolLM2 {smol_ratio:.4f}x, "
+          f"MoE {ratio:.4f}x; coverage {coverage}")
     assert abs(dense / smol - 1) < 0.01
-    assert coverage["share_of_non_embedding"] > 0.99 and ratio < 1.15
+    assert coverage["share_of_non_embedding"] > 0.99 and abs(ratio - smol_ratio) < 0.02
 
 
 def test_llama_cpp_runs_the_upcycled_moe_export(smollm2_moe_int4_r24, smollm2_path, heldout_ids, tmp_path) -> None:

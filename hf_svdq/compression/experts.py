@@ -29,10 +29,10 @@ MIN_TOKENS_PER_INPUT = 1.0
 """An expert's statistics are used when it saw at least this many tokens per input column."""
 
 
-def min_tokens(in_features: int) -> int:
+def min_tokens(in_features: int) -> float:
     """Fewest routed calibration tokens for an expert's Gram to steer its compression (its input width:
     below that the Gram is singular and the whitened correction fits the damping, not the data)."""
-    return int(MIN_TOKENS_PER_INPUT * in_features)
+    return MIN_TOKENS_PER_INPUT * in_features
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def dense_matrices(module: nn.Module, stack: ExpertStack) -> torch.Tensor:
     return weight.detach().transpose(1, 2) if stack.transposed else weight.detach()
 
 
-def _expert_gram(gram: ExpertGrams | None, expert: int, needed: int) -> torch.Tensor | None:
+def _expert_gram(gram: ExpertGrams | None, expert: int, needed: float) -> torch.Tensor | None:
     if gram is None or int(gram.tokens[expert]) < needed:
         return None
     return gram.grams[expert]
