@@ -161,3 +161,19 @@ def test_analyze_bit_choices_writes_a_mixed_bits_policy(tiny_checkpoint, tmp_pat
     with pytest.warns(UserWarning, match="analysed with calibrated"):
         config = SVDQuantConfig.from_policy(out / "policy.json")
     assert config.ranks and config.residual_bits == 4
+
+
+def test_compress_a_moe_reports_its_experts_and_coverage(tmp_path, capsys):
+    from .moe_models import tiny_moe
+
+    source, out = tmp_path / "dense", tmp_path / "out"
+    tiny_moe("mixtral").save_pretrained(source)
+    code = main(["compress", str(source), str(out), "--rank", "4", "--residual-bits", "4", "--group-size", "32", "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["coverage"]["share_of_non_embedding"] > 0.95
+    assert summary["coverage"]["dense"]["router"] == 2 * 4 * 64
+    assert [r["experts"] for r in summary["layers"] if r["name"].endswith("experts.gate_up_proj")] == [4, 4]
+    assert main(["inspect", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "4x128x64" in table and "coverage:" in table and "dense, router" in table

@@ -167,6 +167,25 @@ def test_fuzz_loader_short(valid, tmp_path):
     _fuzz(valid, tmp_path, 30, seed=0)
 
 
+@pytest.fixture(scope="module")
+def valid_moe(tmp_path_factory):
+    """A tiny Qwen3-MoE with every expert stack compressed (INT4 g32 + rank 8), saved."""
+    from .moe_models import tiny_moe
+
+    source, folder = tmp_path_factory.mktemp("moe-dense"), tmp_path_factory.mktemp("valid-moe")
+    tiny_moe("qwen3_moe").save_pretrained(source)
+    config = SVDQuantConfig(rank=8, residual_bits=4, group_size=32)
+    AutoModelForCausalLM.from_pretrained(source, quantization_config=config).save_pretrained(folder)
+    ids = torch.arange(1, 17).unsqueeze(0)
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(folder)(ids).logits
+    return folder, ids, logits
+
+
+def test_fuzz_loader_with_expert_stacks(valid_moe, tmp_path):
+    _fuzz(valid_moe, tmp_path, 30, seed=2)
+
+
 @pytest.mark.slow
 def test_fuzz_loader_200(valid, tmp_path):
     _fuzz(valid, tmp_path, 200, seed=1)

@@ -165,3 +165,21 @@ def test_opt_in_real_hub_round_trip(saved, tmp_path):
     ids = torch.arange(1, 17).unsqueeze(0) % 128
     with torch.no_grad():
         assert torch.equal(model(ids).logits, AutoModelForCausalLM.from_pretrained(saved)(ids).logits)
+
+
+def test_a_moe_model_pushes_and_pulls_with_its_experts(hub_server, tmp_path):
+    """Quantize-on-load of a tiny Qwen3-MoE (every expert stack factorized), pushed in one commit, pulled by repo
+    id in a fresh process: the same logits, and the card reports the experts and the coverage."""
+    from .moe_models import tiny_moe
+
+    folder = tmp_path / "dense"
+    tiny_moe("qwen3_moe").save_pretrained(folder)
+    _ok(_run(hub_server, PUSH, folder, 8, "user/tiny-moe-svdq", "-", tmp_path / "pushed.pt"))
+    head = hub_server.head("user/tiny-moe-svdq")
+    assert {"config.json", "model.safetensors", "README.md"} <= set(head.files)
+    logits, _ = _pull_logits(hub_server, "user/tiny-moe-svdq", tmp_path / "pulled.pt")
+    assert torch.equal(logits, torch.load(tmp_path / "pushed.pt"))
+    card = _ok(_run(hub_server, "from huggingface_hub import hf_hub_download; import pathlib, sys;"
+                    "print(repr(pathlib.Path(hf_hub_download(sys.argv[1], 'README.md')).read_text()))",
+                    "user/tiny-moe-svdq"))
+    assert "gate_up_proj" in card and "non-embedding parameters compressed" in card
