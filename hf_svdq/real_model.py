@@ -90,10 +90,6 @@ def is_smollm2_checkpoint(path: str | os.PathLike[str]) -> bool:
 
 
 def resolve_model_id(model: str) -> str:
-    """Map the :data:`SMOLLM2_ALIAS` (and ``@smollm2-moe``, the upcycled MoE of :mod:`hf_svdq.real_moe`)
-    shortcuts to their cached checkpoints; other ids pass through."""
-    if model == "@smollm2-moe":
-        from .real_moe import smollm2_moe_checkpoint
-
-        return str(smollm2_moe_checkpoint())
+    """Map the :data:`SMOLLM2_ALIAS` shortcut to its cached checkpoint; other ids pass through (the CLI also
+    knows ``@smollm2-moe``, see :func:`hf_svdq.real_moe.resolve_model_id`)."""
     return str(smollm2_checkpoint()) if model == SMOLLM2_ALIAS else model

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from .real_model import cache_root, smollm2_checkpoint
+from .real_model import resolve_model_id as real_model_id
 
 SMOLLM2_MOE_ALIAS = "@smollm2-moe"
 """CLI shortcut for the default upcycled model (8 experts, top-2)."""
@@ -68,3 +69,11 @@ def smollm2_moe_checkpoint(experts: int = 8, top_k: int = 2, noise: float = 0.01
     AutoTokenizer.from_pretrained(source).save_pretrained(partial)
     partial.rename(folder)
     return folder
+
+
+def resolve_model_id(model: str) -> str:
+    """The CLI's model argument: ``@smollm2-moe`` and ``@smollm2`` become their cached checkpoints; other ids
+    pass through."""
+    if model == SMOLLM2_MOE_ALIAS:
+        return str(smollm2_moe_checkpoint())
+    return real_model_id(model)

@@ -158,17 +158,25 @@ def qwen2_gguf_export(smollm2_path: Path, tmp_path_factory: pytest.TempPathFacto
     INT4 g32 + rank 8 and exported to GGUF with SmolLM2's tokenizer: (compressed checkpoint, GGUF folder)."""
     import transformers as tf
 
-    from hf_svdq import SVDQuantConfig
-    from hf_svdq.publishing.gguf_export import export_gguf
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("qwen2-gguf")
     config = tf.Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                             num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512)
-    model = tf.Qwen2ForCausalLM(config)
-    with torch.no_grad():  # larger than the default init, so the layers matter to the logits
+    return _compress_and_export(tf.Qwen2ForCausalLM(config), root, smollm2_path)
+
+
+def _compress_and_export(model: torch.nn.Module, root: Path, tokenizer: Path) -> tuple[Path, Path]:
+    """``model`` with weights drawn larger than the default init (so every layer matters to the logits), saved,
+    compressed as INT4 g32 + rank 8 and exported to GGUF: (compressed checkpoint, GGUF folder)."""
+    import transformers as tf
+
+    from hf_svdq import SVDQuantConfig
+    from hf_svdq.publishing.gguf_export import export_gguf
+
+    with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.dim() == 2:
+            if param.dim() >= 2:
                 param.normal_(0, 0.08)
             elif name.endswith("bias"):
                 param.normal_(0, 0.3)
@@ -176,7 +184,7 @@ def qwen2_gguf_export(smollm2_path: Path, tmp_path_factory: pytest.TempPathFacto
     compressed = tf.AutoModelForCausalLM.from_pretrained(
         root / "dense", quantization_config=SVDQuantConfig(rank=8, residual_bits=4, group_size=32))
     compressed.save_pretrained(root / "compressed")
-    export_gguf(root / "compressed", root / "gguf", tokenizer=smollm2_path, progress=False)
+    export_gguf(root / "compressed", root / "gguf", tokenizer=tokenizer, progress=False)
     return root / "compressed", root / "gguf"
 
 
@@ -187,30 +195,17 @@ def moe_gguf_exports(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactor
     tokenizer: ``{arch: (compressed checkpoint, GGUF folder)}``."""
     import transformers as tf
 
-    from hf_svdq import SVDQuantConfig
-    from hf_svdq.publishing.gguf_export import export_gguf
-
     from .moe_models import moe_config
 
     out = {}
     for arch in ("mixtral", "qwen3_moe"):
-        root = tmp_path_factory.mktemp(f"{arch}-gguf")
         config = moe_config(arch)
         config.vocab_size, config.hidden_size, config.max_position_embeddings = 49152, 128, 512
         if arch == "qwen3_moe":
             config.norm_topk_prob, config.head_dim = True, 32
         torch.manual_seed(0)
         model = tf.AutoModelForCausalLM.from_config(config)
-        with torch.no_grad():  # larger than the default init, so every layer matters to the logits
-            for param in model.parameters():
-                if param.dim() >= 2:
-                    param.normal_(0, 0.08)
-        model.save_pretrained(root / "dense")
-        compressed = tf.AutoModelForCausalLM.from_pretrained(
-            root / "dense", quantization_config=SVDQuantConfig(rank=8, residual_bits=4, group_size=32))
-        compressed.save_pretrained(root / "compressed")
-        export_gguf(root / "compressed", root / "gguf", tokenizer=smollm2_path, progress=False)
-        out[arch] = (root / "compressed", root / "gguf")
+        out[arch] = _compress_and_export(model, tmp_path_factory.mktemp(f"{arch}-gguf"), smollm2_path)
     return out
 
 

@@ -92,7 +92,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     from ..analysis.analyze import AnalysisSettings, analyze, pillars
     from ..evaluation.metrics import DEFAULT_PROMPTS
-    from ..real_model import resolve_model_id
+    from ..real_moe import resolve_model_id
 
     if not args.text.is_file():
         raise FileNotFoundError(f"--text {args.text} does not exist")

@@ -181,7 +181,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     from ..format.inspect import checkpoint_report, format_report
     from ..format.output_folder import check_output_folder
-    from ..real_model import resolve_model_id
+    from ..real_moe import resolve_model_id
 
     config = _compress_config(args)
     source = resolve_model_id(args.model)
@@ -233,7 +233,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..evaluation.metrics import DEFAULT_PROMPTS, EvalSettings, evaluate, format_evaluation
-    from ..real_model import resolve_model_id
+    from ..real_moe import resolve_model_id
 
     settings = EvalSettings(args.window, args.stride, args.max_tokens or None, args.max_new_tokens)
     if not args.text.is_file():

@@ -40,10 +40,11 @@ from ..compression.plan import (
 )
 from ..format import layout as fmt
 from ..format.checkpoint import check_expert_stack, check_layer, check_single_or_sharded, read_headers
-from ..nn.experts import StackFormat, SVDQExperts, find_expert_stacks
+from ..nn.experts import SVDQExperts
 from ..nn.layers import COMPRESSED_LAYERS, SVDQLinear, SVDQResidualLinear
 from ..nn.low_rank import dense_weight_of
 from .config import SVDQuantConfig
+from .moe import keep_fused_expert_names, quantize_stack, record_coverage, restore_conversions, swap_in_experts
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class SVDQuantizer(HfQuantizer):
         for decision in decisions:
             if decision.rank is not None and not decision.spec.experts:
                 _swap_in(model, decision, dense_placeholder=not self.pre_quantized)
-        _swap_in_experts(model, decisions, dense_placeholder=not self.pre_quantized)
+        swap_in_experts(model, decisions, dense_placeholder=not self.pre_quantized)
 
     def param_needs_quantization(self, model: PreTrainedModel, param_name: str, **kwargs: Any) -> bool:
         if self.pre_quantized:
@@ -128,14 +129,14 @@ class SVDQuantizer(HfQuantizer):
                 config.layer_bits = recorded_layer_bits(result.decisions, config.residual_bits)
             config.prediction = result.prediction
             log_plan(result.decisions)
-            _record_coverage(model, config, result.decisions, result.expert_fallback)
-            _keep_fused_expert_names(model)
+            record_coverage(model, config, result.decisions, result.expert_fallback)
+            keep_fused_expert_names(model)
             _attach_hub(model)
             _maybe_int8_head(model, config)
             return
         if not self.pre_quantized:
-            _record_coverage(model, config, self._decisions, {})
-        _keep_fused_expert_names(model)
+            record_coverage(model, config, self._decisions, {})
+        keep_fused_expert_names(model)
         _attach_hub(model)
         _maybe_int8_head(model, config)
         for name, module in model.named_modules():
@@ -170,8 +171,7 @@ class SVDQuantizer(HfQuantizer):
     def _dequantize(self, model: PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:
         from ..nn.head import SVDQInt8Head
 
-        if hasattr(model, "_hf_svdq_weight_conversions"):  # dense experts again: save them as transformers would
-            model._weight_conversions = model.__dict__.pop("_hf_svdq_weight_conversions")
+        restore_conversions(model)  # dense experts again: save them as transformers would
         if isinstance(dtype, str):  # some transformers versions pass config.dtype, a string such as "float32"
             dtype = getattr(torch, dtype.removeprefix("torch."))
         for name, module in list(model.named_modules()):
@@ -215,7 +215,7 @@ class SVDQuantizeOp(ConversionOps):
         module_name, _, tensor_name = full_layer_name.rpartition(".")
         module = model.get_submodule(module_name)
         if isinstance(module, SVDQExperts):
-            return self._quantize_stack(module, tensor_name, dense, full_layer_name, missing_keys)
+            return quantize_stack(module, tensor_name, dense, full_layer_name, missing_keys, self.hf_quantizer.non_finite)
         if not isinstance(module, SVDQLinear):
             raise TypeError(f"hf_svdq: {module_name} is {type(module).__name__}, expected SVDQLinear")
         weight = dense.t() if module.transposed else dense
@@ -237,36 +237,6 @@ class SVDQuantizeOp(ConversionOps):
             for tensor_name in fmt.FACTOR_NAMES:
                 missing_keys.discard(f"{module_name}.{tensor_name}")
         del dense, weight, value
-        release_free_memory()
-        return {}
-
-
-    def _quantize_stack(self, module: SVDQExperts, name: str, dense: torch.Tensor, full_name: str,
-                        missing_keys: set[str] | None) -> dict[str, torch.Tensor]:
-        """Factorize every expert of one arriving dense stack (quantize-on-load, low-rank layout)."""
-        stack, stack_format = module.stacks[name], module.formats[name]
-        expected = (stack.experts, stack.in_features, stack.out_features) if stack.transposed else \
-            (stack.experts, stack.out_features, stack.in_features)
-        if tuple(dense.shape) != expected:
-            raise ValueError(f"hf_svdq: {full_name} has shape {tuple(dense.shape)}, expected {expected}")
-        matrices = dense.transpose(1, 2) if stack.transposed else dense
-        if not torch.isfinite(matrices).all():
-            self.hf_quantizer.non_finite.append(
-                f"{full_name} has {int((~torch.isfinite(matrices)).sum())} non-finite value(s) (NaN/Inf): refusing to compress it")
-            matrices = torch.zeros_like(matrices)
-        dtype = module.compute_dtype
-        module.declare_stack(name, stack_format, dtype, "meta")  # the float placeholder back to the declared layout
-        module.load_stack(name, None, [low_rank_int8(matrices[e], stack_format.rank, dtype) for e in range(stack.experts)])
-        filled = module.__dict__.setdefault("_hf_svdq_filled", set())
-        filled.add(name)
-        module._is_hf_initialized = True  # type: ignore[assignment]
-        for param in module.parameters(recurse=False):
-            param._is_hf_initialized = True  # type: ignore[attr-defined]
-        if missing_keys is not None:
-            prefix = full_name.rpartition(".")[0]
-            for tensor in fmt.expert_tensors(name, stack_format.shape(stack), stack.experts):
-                missing_keys.discard(f"{prefix}.{tensor}")
-        del dense, matrices
         release_free_memory()
         return {}
 
@@ -350,67 +320,6 @@ def _swap_in(model: nn.Module, decision: LayerDecision, dense_placeholder: bool)
         # placeholder stops transformers <= 5.20 from casting it to the int8 dtype of the factor first.
         new.weight = nn.Parameter(torch.empty(new.weight.shape, dtype=weight.dtype, device="meta"), requires_grad=False)
     model.set_submodule(name, new)
-
-
-def _swap_in_experts(model: nn.Module, decisions: list[LayerDecision], dense_placeholder: bool) -> None:
-    """Put an :class:`SVDQExperts` (meta) in place of every fused-experts module with a compressed stack."""
-    by_module: dict[str, dict[str, StackFormat]] = {}
-    for d in decisions:
-        if d.rank is not None and d.spec.experts:
-            module_name, _, stack = d.spec.name.rpartition(".")
-            by_module.setdefault(module_name, {})[stack] = StackFormat(d.rank, d.bits, d.group_size if d.bits is not None else None)
-    for module_name, formats in by_module.items():
-        old = model.get_submodule(module_name)
-        if isinstance(old, SVDQExperts):
-            continue
-        new = SVDQExperts.from_module(old, formats, device="meta")
-        if dense_placeholder:  # quantize-on-load: the dense stack arrives under the codes' name, in its float dtype
-            for stack in formats:
-                shape = new._parameters[stack].shape  # type: ignore[union-attr]
-                new._parameters[stack] = nn.Parameter(torch.empty(shape, dtype=new.compute_dtype, device="meta"), requires_grad=False)
-        model.set_submodule(module_name, new)
-
-
-def _record_coverage(model: nn.Module, config: SVDQuantConfig, decisions: list[LayerDecision],
-                     fallback: dict[str, int]) -> None:
-    """Measure what was compressed (:mod:`hf_svdq.compression.coverage`), log it, warn about unsupported
-    module types, and record it (with per-expert calibration fallbacks) in the config that is saved."""
-    from ..compression.coverage import measure_coverage, warn_unsupported
-
-    coverage = measure_coverage(model, decisions)
-    for line in coverage.lines():
-        logger.info("hf_svdq: %s", line)
-    warn_unsupported(coverage)
-    recorded = coverage.to_dict()
-    if fallback:
-        recorded["experts_calibrated_data_free"] = {"experts": sum(fallback.values()),
-                                                    "of": sum(d.spec.experts for d in decisions if d.spec.name in fallback)}
-    config.coverage = recorded
-
-
-def _keep_fused_expert_names(model: nn.Module) -> None:
-    """Save expert stacks (compressed, and dense ones beside them) under the names they have in the model, so
-    an hf_svdq checkpoint always holds experts fused. transformers' save reverts
-    its load-time conversions (e.g. ``experts.gate_up_proj`` back into per-expert ``gate_proj``/``up_proj``
-    weights, Mixtral's ``mlp`` back to ``block_sparse_moe``), which would split the stacked codes and their
-    companions apart or rename them away from what the header check reads; every conversion whose target
-    names an expert stack is dropped from what the save reverts (reload reads the names as they are:
-    no conversion's source matches them)."""
-    import re
-
-    conversions = getattr(model, "_weight_conversions", None)
-    stacks = [f"{name}.{s.name}" for name, m in model.named_modules() for s in find_expert_stacks(m)]
-    if not conversions or not stacks:
-        return
-    kept = []
-    for conversion in conversions:
-        targets = getattr(conversion, "target_patterns", None) or []
-        targets = [targets] if isinstance(targets, str) else list(targets)
-        if any(re.search(str(t).replace("*", r"\d+"), name) for t in targets for name in stacks):
-            continue
-        kept.append(conversion)
-    model._hf_svdq_weight_conversions = conversions  # type: ignore[assignment]  # restored by dequantize()
-    model._weight_conversions = kept  # type: ignore[assignment]
 
 
 def _maybe_int8_head(model: nn.Module, config: SVDQuantConfig) -> None:
