@@ -280,3 +280,13 @@ def test_gguf_export_refuses_moe_settings_llama_cpp_does_not_compute(arch: str, 
     model.save_pretrained(tmp_path / "ckpt")
     with pytest.raises(ValueError, match=match):
         export_gguf(tmp_path / "ckpt", tmp_path / "out", progress=False)
+
+
+def test_cli_aliases_resolve_to_the_cached_real_models(monkeypatch, tmp_path: Path) -> None:
+    from hf_svdq import real_moe
+
+    monkeypatch.setattr(real_moe, "smollm2_moe_checkpoint", lambda: tmp_path / "moe")
+    monkeypatch.setattr(real_moe, "real_model_id", lambda model: "smollm2!" if model == "@smollm2" else model)
+    assert real_moe.resolve_model_id("@smollm2-moe") == str(tmp_path / "moe")
+    assert real_moe.resolve_model_id("@smollm2") == "smollm2!"
+    assert real_moe.resolve_model_id("user/repo") == "user/repo"
