@@ -192,8 +192,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     tokenizer = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        print(f"note: no tokenizer saved ({err})", file=sys.stderr)
+    except (OSError, ValueError, ImportError) as err:  # ImportError: e.g. a slow tokenizer needing protobuf
+        print(f"note: no tokenizer saved ({type(err).__name__}: {str(err).strip()[:200]})", file=sys.stderr)
     if args.heal_steps:
         from ..compression.healing import heal_with_config
 
