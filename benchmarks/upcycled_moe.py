@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--only", default="dense,smollm2,moe,moe-datafree-experts")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--noise", type=float, default=0.01)
+    parser.add_argument("--min-tokens-per-input", type=float, default=None,
+                        help="the per-expert calibration threshold for the moe row (default: the library's, 1.0)")
     parser.add_argument("--results", type=Path, default=HERE / "results" / "moe-upcycle.jsonl")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -96,7 +98,14 @@ def main() -> None:
     if "smollm2" in only:
         compressed_row("smollm2 recommended 5.0 bpw", smol, args.tokens, args.results)
     if "moe" in only:
-        compressed_row("moe recommended 5.0 bpw", moe, args.tokens, args.results)
+        from hf_svdq.compression import experts
+
+        name = "moe recommended 5.0 bpw"
+        if args.min_tokens_per_input is not None:
+            experts.MIN_TOKENS_PER_INPUT = args.min_tokens_per_input
+            name += f", experts calibrated from {args.min_tokens_per_input:g} tokens per input column"
+        compressed_row(name, moe, args.tokens, args.results)
+        experts.MIN_TOKENS_PER_INPUT = 1.0
     if "moe-datafree-experts" in only:
         from hf_svdq.compression import experts
 
