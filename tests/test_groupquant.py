@@ -50,3 +50,20 @@ def test_gptq_beats_rtn_on_correlated_inputs():
 def test_bad_group_arguments(bits, group):
     with pytest.raises(ValueError, match="residual_bits|group_size"):
         quantize_rtn(_weights(), bits, group)
+
+
+def test_inverse_hessian_factor_matches_gptq_reference_chain():
+    """U with U^T U = H^-1 (upper), as GPTQ's reference computes it with cholesky_inverse."""
+    from hf_svdq.algorithms.groupquant import inverse_hessian_factor
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 48, generator=g, dtype=torch.float64)
+    gram = x.T @ x
+    gram[5, :] = gram[:, 5] = 0.0  # a column the calibration never reached
+    h = gram.clone()
+    h[5, 5] = 1.0
+    h += torch.eye(48, dtype=h.dtype) * 0.01 * float(h.diagonal().mean())
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    factor = inverse_hessian_factor(gram, 0.01).double()
+    assert torch.allclose(factor, reference, rtol=1e-3, atol=1e-5 * float(reference.abs().max()))
+    assert torch.equal(factor, factor.triu())

@@ -117,49 +117,93 @@ def quantize_rtn(
     )
 
 
-def quantize_gptq(
-    weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int, damp: float = 0.01, block: int = 128,
-    clips: tuple[float, ...] = CLIP_GRID,
-) -> GroupQuantized:
-    """GPTQ (Frantar et al. 2022): quantize columns in order, feeding each column's error back into
-    the not-yet-quantized columns through the inverse Hessian ``G^-1``. Group parameters are chosen
-    when a group starts, from the error-updated weights, with the same clip search as RTN."""
-    out, n = weight.shape
-    check_group_args(n, bits, group_size)
-    w = weight.detach().to(torch.float32).clone()
+def inverse_hessian_factor(gram: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """GPTQ's ``U``: the upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``) for ``H = G + damp * mean(diag G) I``
+    (computed in float64, returned as float32). Columns the calibration never reached (zero diagonal)
+    get ``H_jj = 1``. Computed as the inverse of the upper-triangular ``V`` with ``H = V V^T`` (one
+    Cholesky of ``H`` with its order reversed, then a triangular inverse by halves): the same factor
+    as ``cholesky(cholesky_inverse(cholesky(H)), upper=True)`` (SmolLM2's recommended-mode perplexity
+    comes out bit-identical) at under half the cost (8192 wide: ~6 s instead of ~14 s on 2 EPYC
+    cores). Float64 matters: the whole chain in float32, as GPTQ's reference runs it, moved SmolLM2's
+    recommended-mode perplexity ratio from 1.019x to 1.044x. Depends only on the Gram: compute it
+    once per layer (the refinement step reuses it)."""
     h = gram.detach().to(torch.float64).clone()
     dead = h.diagonal() <= 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += torch.eye(n, dtype=h.dtype) * damp * float(h.diagonal().mean())
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
-    diag = h.diagonal().to(torch.float32)
+    h.diagonal().add_(damp * float(h.diagonal().mean()))
+    flipped = h.flip(0, 1)
+    del h
+    lower = torch.linalg.cholesky(flipped)  # P H P = L L^T, so H = V V^T with V = P L P upper triangular
+    del flipped
+    upper = lower.flip(0, 1)
+    del lower
+    return _upper_inverse(upper).to(torch.float32)
+
+
+def _upper_inverse(v: torch.Tensor, leaf: int = 512) -> torch.Tensor:
+    """Inverse of an upper-triangular matrix by halves, ``[[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1],
+    [0, C^-1]]``: a third of the flops of ``solve_triangular(v, I)`` and all of it in matrix products."""
+    n = v.shape[0]
+    if n <= leaf:
+        return torch.linalg.solve_triangular(v, torch.eye(n, dtype=v.dtype), upper=True)
+    half = n // 2
+    a_inv = _upper_inverse(v[:half, :half], leaf)
+    c_inv = _upper_inverse(v[half:, half:], leaf)
+    out = torch.zeros_like(v)
+    out[:half, :half] = a_inv
+    out[half:, half:] = c_inv
+    out[:half, half:] = -(a_inv @ v[:half, half:]) @ c_inv
+    return out
+
+
+def quantize_gptq(
+    weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int, damp: float = 0.01, block: int = 128,
+    clips: tuple[float, ...] = CLIP_GRID, hinv: torch.Tensor | None = None,
+) -> GroupQuantized:
+    """GPTQ (Frantar et al. 2022): quantize columns in order, feeding each column's error back into
+    the not-yet-quantized columns through the inverse Hessian ``G^-1``. Group parameters are chosen
+    when a group starts, from the error-updated weights, with the same clip search as RTN. ``hinv``:
+    :func:`inverse_hessian_factor` of ``gram`` when the caller already has it."""
+    out, n = weight.shape
+    check_group_args(n, bits, group_size)
+    # columns as rows: every per-column step below reads and writes contiguous memory (2-2.7x faster
+    # on CPU than the [out, in] layout, same codes)
+    wt = weight.detach().to(torch.float32).T.contiguous()
+    dead = gram.diagonal() <= 0
+    wt[dead, :] = 0.0
+    if hinv is None:
+        hinv = inverse_hessian_factor(gram, damp)
+    h_diag = gram.diagonal().to(torch.float32).clone()
+    h_diag[dead] = 1.0
+    diag = h_diag + damp * float(h_diag.mean())
 
     groups = n // group_size
     block = group_size * max(1, block // group_size)  # every group lies inside one block
-    codes = torch.zeros(out, n, dtype=torch.uint8)
-    scales = torch.zeros(out, groups)
-    zeros = torch.zeros(out, groups)
+    codes = torch.zeros(n, out, dtype=torch.uint8)
+    scales = torch.zeros(groups, out)
+    zeros = torch.zeros(groups, out)
     qmax = 2**bits - 1
     scale = zero = torch.zeros(out)
     for start in range(0, n, block):
         stop = min(start + block, n)
-        w1 = w[:, start:stop].clone()
+        w1 = wt[start:stop].clone()
         err1 = torch.zeros_like(w1)
         h1 = hinv[start:stop, start:stop]
         for i in range(stop - start):
             col = start + i
             if col % group_size == 0:
                 importance = diag[col : col + group_size].expand(out, -1)
-                scale, zero = _best_group_params(w1[:, i : i + group_size], bits, importance, clips)
-                scales[:, col // group_size], zeros[:, col // group_size] = scale, zero
-            q = torch.clamp(torch.round(w1[:, i] / scale) + zero, 0, qmax)
-            codes[:, col] = q.to(torch.uint8)
-            err = (w1[:, i] - (q - zero) * scale) / h1[i, i]
-            w1[:, i:] -= err[:, None] * h1[i, i:][None, :]
-            err1[:, i] = err
-        w[:, stop:] -= err1 @ hinv[start:stop, stop:]
-    return GroupQuantized(codes, scales.to(torch.float16), zeros.to(torch.uint8), bits, group_size)
+                scale, zero = _best_group_params(w1[i : i + group_size].T, bits, importance, clips)
+                scales[col // group_size], zeros[col // group_size] = scale, zero
+            row = w1[i]
+            q = torch.clamp(torch.round(row / scale) + zero, 0, qmax)
+            codes[col] = q.to(torch.uint8)
+            err = (row - (q - zero) * scale) / h1[i, i]
+            w1[i:] -= h1[i, i:, None] * err[None, :]
+            err1[i] = err
+        wt[stop:] -= hinv[start:stop, stop:].T @ err1
+    return GroupQuantized(codes.T.contiguous(), scales.T.contiguous().to(torch.float16), zeros.T.contiguous().to(torch.uint8),
+                          bits, group_size)
 
 
 def pack_codes(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..algorithms.groupquant import CLIP_GRID, quantize_gptq, quantize_rtn
+from ..algorithms.groupquant import CLIP_GRID, inverse_hessian_factor, quantize_gptq, quantize_rtn
 from ..algorithms.linalg import LowRankInt8, low_rank_int8, quantize_int8_rows
 from ..algorithms.whitening import Whitener, refit_left, whitened_low_rank, whitened_spectrum
 from .decisions import CompressionSettings
@@ -30,28 +30,40 @@ def spectrum(target: torch.Tensor, whitener: Whitener | None) -> torch.Tensor:
     return whitened_spectrum(target, whitener) if whitener is not None else torch.linalg.svdvals(target.to(torch.float64))
 
 
+def gptq_factor(gram: torch.Tensor | None, method: str | None, damp: float) -> torch.Tensor | None:
+    """GPTQ's inverse-Hessian factor of ``gram`` when ``method`` is GPTQ (None otherwise): computed once
+    per layer and shared by its base and every refinement step."""
+    return inverse_hessian_factor(gram, damp) if gram is not None and method == "gptq" else None
+
+
 def base_quantization(weight: torch.Tensor, gram: torch.Tensor | None, bits: int, group_size: int | None,
-                      method: str | None, damp: float) -> Any:
+                      method: str | None, damp: float, hinv: torch.Tensor | None = None) -> Any:
     """The residual mode's base: ``weight`` (float32 ``[out, in]``) group-quantized at ``bits`` in groups of
-    ``group_size`` (None: per row) by ``method`` (GPTQ needs ``gram``; otherwise round-to-nearest,
-    with a clip search for ``"mse"``, activation-weighted when ``gram`` is given)."""
+    ``group_size`` (None: per row) by ``method`` (GPTQ needs ``gram``, and takes its :func:`gptq_factor`
+    ``hinv`` when given; otherwise round-to-nearest, with a clip search for ``"mse"``,
+    activation-weighted when ``gram`` is given)."""
     group = group_size or weight.shape[1]
     if gram is not None and method == "gptq":
-        return quantize_gptq(weight, gram, bits, group, damp=damp)
+        return quantize_gptq(weight, gram, bits, group, damp=damp, hinv=hinv)
     importance = gram.diagonal() if gram is not None else None
     clips = CLIP_GRID if method == "mse" else (1.0,)
     return quantize_rtn(weight, bits, group, importance, clips)
 
 
 def residual_parts(w: torch.Tensor, rank: int, base: Any, group_size: int | None, settings: CompressionSettings,
-                   gram: torch.Tensor | None, whitener: Whitener | None, dtype: torch.dtype) -> tuple[Any, LowRankInt8 | None]:
+                   gram: torch.Tensor | None, whitener: Whitener | None, dtype: torch.dtype,
+                   hinv: torch.Tensor | None = None) -> tuple[Any, LowRankInt8 | None]:
     """``base`` and a rank-``rank`` correction of ``w - base`` (None at rank 0), refined
     ``settings.refine_steps`` times by alternating: re-quantize what the correction does not explain,
-    then refit the correction."""
+    then refit the correction. ``hinv``: the layer's :func:`gptq_factor`, computed here when needed."""
     correction = low_rank(w - base.dequantize(), rank, gram, whitener, dtype) if rank else None
-    for _ in range(settings.refine_steps if correction is not None else 0):
+    steps = settings.refine_steps if correction is not None else 0
+    if steps and hinv is None:
+        hinv = gptq_factor(gram, settings.residual_method, settings.damp)
+    for _ in range(steps):
         assert correction is not None
-        base = base_quantization(w - correction.dequantize(), gram, base.bits, group_size, settings.residual_method, settings.damp)
+        base = base_quantization(w - correction.dequantize(), gram, base.bits, group_size, settings.residual_method,
+                                 settings.damp, hinv)
         correction = low_rank(w - base.dequantize(), rank, gram, whitener, dtype)
     return base, correction
 
