@@ -116,9 +116,9 @@ def test_only_the_quantizer_touches_transformers_quantizer_api():
 
 
 CONFIG_READERS = ("hf_svdq._autoload", "hf_svdq.integration.", "hf_svdq.compression.plan", "hf_svdq.analysis.analyze",
-                  "hf_svdq.publishing.", "hf_svdq.cli")
+                  "hf_svdq.publishing.", "hf_svdq.cli", "hf_svdq.streaming")
 """Who may see ``SVDQuantConfig``: the integration, the planner, the analysis entry points, the exporters that read a
-saved ``config.json``, the CLI. Everything else takes the planner's plain data (settings, per-layer decisions)."""
+saved ``config.json``, the CLI, the streaming entry point (``compress_checkpoint``, from_pretrained's sibling). Everything else takes the planner's plain data (settings, per-layer decisions)."""
 
 
 def _reaches(graph: dict[str, set[str]], start: str, target: str) -> bool:

@@ -30,7 +30,7 @@ def relative_error_curves(
     group = group_size or w.shape[1]
     whitener = Whitener.from_gram(gram, damp) if gram is not None else None
     importance = gram.diagonal() if gram is not None else None
-    energy = float((whitener.whiten(w) if whitener is not None else w).to(torch.float64).pow(2).sum()) or 1.0
+    energy = (whitener.output_energy(w) if whitener is not None else float(w.to(torch.float64).pow(2).sum())) or 1.0
     curves = {}
     for bits in bit_choices:
         error = w - quantize_rtn(w, bits, group, importance).dequantize()

@@ -45,6 +45,10 @@ class Whitener:
         """``R S^-1`` for a right factor ``R`` expressed in the whitened space."""
         return (right.to(torch.float64) / self.root) @ self.basis.T
 
+    def output_energy(self, weight: torch.Tensor) -> float:
+        """``||W S||_F^2``: the squared output norm of ``W`` in the damped metric."""
+        return float(self.whiten(weight).pow(2).sum())
+
 
 def whitened_low_rank(
     weight: torch.Tensor, whitener: Whitener, rank: int

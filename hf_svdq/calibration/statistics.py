@@ -168,42 +168,49 @@ def block_inputs(
     model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, batch_size: int
 ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
     """Hidden states entering block 0 (one tensor per batch) and the keyword arguments each block
-    receives (captured once on a one-sample batch; masks and rotary tables broadcast over batches)."""
-    device = next(model.parameters()).device
+    receives (captured once on a one-sample batch; masks and rotary tables broadcast over batches).
+
+    No block runs: each one's forward is replaced by a recorder that passes its input through, so this
+    works when the blocks' weights are not in memory (streaming from disk) and costs only the embeddings.
+    The last block's recorder ends the pass, so the head never runs either."""
+    device = next(p for p in model.parameters() if not p.is_meta).device
     kwargs: list[dict[str, Any]] = [{} for _ in blocks]
-
-    def kwarg_hook(index: int):
-        def hook(module: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
-            kwargs[index] = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value", "layer_past", "use_cache", "cache_position")}
-            if index == len(blocks) - 1:
-                raise _Stop
-        return hook
-
-    handles = [b.register_forward_pre_hook(kwarg_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    try:
-        model(ids[:1].to(device), use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-
     hidden: list[torch.Tensor] = []
+    capture = {"kwargs": True}
 
-    def first_hook(module: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
-        hidden.append(args[0] if args else kw["hidden_states"])
-        raise _Stop
+    def recorder(index: int):
+        def forward(*args: Any, **kw: Any) -> Any:
+            state = args[0] if args else kw["hidden_states"]
+            if index == 0:
+                hidden.append(state)
+            if capture["kwargs"]:
+                kwargs[index] = {k: v for k, v in kw.items() if k not in _DROPPED_KWARGS}
+            if index == len(blocks) - 1 or not capture["kwargs"]:
+                raise _Stop
+            return state
+        return forward
 
-    handle = blocks[0].register_forward_pre_hook(first_hook, with_kwargs=True)
+    for index, block in enumerate(blocks):
+        block.forward = recorder(index)  # type: ignore[method-assign]
     try:
+        try:
+            model(ids[:1].to(device), use_cache=False)
+        except _Stop:
+            pass
+        hidden.clear()
+        capture["kwargs"] = False
         for batch in _batches(ids, batch_size):
             try:
                 model(batch.to(device), use_cache=False)
             except _Stop:
                 pass
     finally:
-        handle.remove()
+        for block in blocks:
+            del block.forward
     return hidden, kwargs
+
+
+_DROPPED_KWARGS = ("past_key_values", "past_key_value", "layer_past", "use_cache", "cache_position")
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -303,6 +310,33 @@ def _cache_key(model: nn.Module, ids: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
+def load_grams(path: Path, names: Iterable[str]) -> dict[str, Any] | None:
+    """The Grams of ``names`` stored at ``path`` by :func:`save_grams`; None unless all are there."""
+    if not path.is_file():
+        return None
+    cached = load_file(str(path))
+    names = list(names)
+    if not set(names) <= set(cached):
+        return None
+    return {n: ExpertGrams(cached[n], cached[n + _TOKENS]) if n + _TOKENS in cached else cached[n] for n in names}
+
+
+def save_grams(path: Path, grams: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat: dict[str, torch.Tensor] = {}
+    for key, value in grams.items():
+        if isinstance(value, ExpertGrams):
+            flat[key], flat[key + _TOKENS] = value.grams.contiguous(), value.tokens
+        else:
+            flat[key] = value.contiguous()
+    save_file(flat, str(path))
+
+
+def cache_path(cache_dir: str, model: nn.Module, ids: torch.Tensor, part: str = "") -> Path:
+    """Where statistics of ``model`` on ``ids`` are cached (``part``: e.g. one block's)."""
+    return Path(cache_dir) / f"grams-{_cache_key(model, ids)}{part}.safetensors"
+
+
 @torch.no_grad()
 def dense_grams(
     model: nn.Module, names: Iterable[str], ids: torch.Tensor, batch_size: int, cache_dir: str | None = None,
@@ -312,11 +346,10 @@ def dense_grams(
     before the output head. With ``cache_dir`` the result is stored and reused for the same model
     and tokens."""
     names = list(names)
-    path = Path(cache_dir) / f"grams-{_cache_key(model, ids)}.safetensors" if cache_dir else None
-    if path is not None and path.is_file():
-        cached = load_file(str(path))
-        if set(names) <= set(cached):
-            return {n: ExpertGrams(cached[n], cached[n + _TOKENS]) if n + _TOKENS in cached else cached[n] for n in names}
+    path = cache_path(cache_dir, model, ids) if cache_dir else None
+    cached = load_grams(path, names) if path is not None else None
+    if cached is not None:
+        return cached
     _, blocks = find_blocks(model)
     collector = GramCollector(dict.fromkeys(names, model), root=model)
 
@@ -342,12 +375,5 @@ def dense_grams(
             handle.remove()
     grams = collector.grams
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        flat: dict[str, torch.Tensor] = {}
-        for key, value in grams.items():
-            if isinstance(value, ExpertGrams):
-                flat[key], flat[key + _TOKENS] = value.grams.contiguous(), value.tokens
-            else:
-                flat[key] = value.contiguous()
-        save_file(flat, str(path))
+        save_grams(path, grams)
     return grams

@@ -73,6 +73,12 @@ def _add_compress(sub: Any) -> None:
                           help="skip the check after saving (answers side by side, held-out perplexity, loop detector)")
     compress.add_argument("--max-new-tokens", type=int, default=64, help="answer length in the check")
     compress.add_argument("--json", action="store_true", help="print the summary as JSON")
+    compress.add_argument("--resume", action="store_true",
+                          help="continue an interrupted compression from its last finished block (same bytes)")
+    compress.add_argument("--in-memory", action="store_true",
+                          help="load the whole dense model first instead of streaming it from disk a block at a time")
+    compress.add_argument("--no-memory-check", action="store_true",
+                          help="start even when the predicted peak memory exceeds what is available")
 
 
 def _add_inspect_and_eval(sub: Any) -> None:
@@ -186,6 +192,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
     config = _compress_config(args)
     source = resolve_model_id(args.model)
     check_output_folder(args.outdir, [source], overwrite=args.overwrite)  # before any work
+    if not args.in_memory and not args.heal_steps:
+        from ..streaming import StreamingUnsupported
+
+        try:
+            return _compress_streaming(args, config, source)
+        except StreamingUnsupported as err:
+            print(f"note: {err}; loading the whole model instead", file=sys.stderr)
+    elif args.resume:
+        raise ValueError("--resume continues a streaming compression; it does not combine with --in-memory or --heal-steps")
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(source, quantization_config=config, dtype=_torch_dtype(args.dtype))
     seconds = time.perf_counter() - start
@@ -213,6 +228,54 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
         print(format_report(report, per_layer=False))
         print(f"load + compress: {seconds:.1f} s; saved to {args.outdir}")
+        if check is not None:
+            print(format_quick_check(check))
+    return 0
+
+
+def _compress_streaming(args: argparse.Namespace, config: Any, source: str) -> int:
+    """``compress`` a block at a time from disk to disk (:mod:`hf_svdq.streaming`), then the same report and check."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..format.inspect import checkpoint_report, format_report
+    from ..publishing.hub import base_model_of
+    from ..publishing.model_card import write_model_card
+    from ..streaming import compress_checkpoint
+
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, ImportError) as err:
+        print(f"note: no tokenizer saved ({type(err).__name__}: {str(err).strip()[:200]})", file=sys.stderr)
+
+    def finish(folder: Path) -> None:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        try:
+            write_model_card(folder, args.outdir.name, base_model=base_model_of(source))
+        except ValueError as err:
+            print(f"note: no model card written ({err})", file=sys.stderr)
+
+    start = time.perf_counter()
+    dtype = _torch_dtype(args.dtype)
+    done = compress_checkpoint(source, args.outdir, config, dtype=None if dtype == "auto" else dtype,  # type: ignore[arg-type]
+                               resume=args.resume, overwrite=args.overwrite, memory_check=not args.no_memory_check,
+                               finish=finish)
+    seconds = time.perf_counter() - start
+    print(done.estimate.describe(), file=sys.stderr)
+    report = checkpoint_report(args.outdir)
+    check = None
+    if not args.no_check:
+        model = AutoModelForCausalLM.from_pretrained(args.outdir, dtype=dtype)
+        check = _check_compressed(args, model, tokenizer, source)
+    if args.json:
+        result = {"load_and_compress_seconds": seconds, "streamed": True, **report.to_dict()}
+        print(json.dumps({**result, "check": None if check is None else check.to_dict()}, indent=2))
+    else:
+        from ..evaluation.check import format_quick_check
+
+        print(format_report(report, per_layer=False))
+        print(f"compress (streamed from disk, a block at a time): {seconds:.1f} s; saved to {args.outdir}")
         if check is not None:
             print(format_quick_check(check))
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -21,14 +21,12 @@ from ..algorithms.allocation import option_ranks, relative_error_curves
 from ..algorithms.budget import allocate_ranks, choose_options
 from ..algorithms.linalg import LowRankInt8, energy_rank
 from ..algorithms.whitening import Whitener
-from ..calibration.statistics import block_grams, block_inputs, dense_grams, find_blocks, input_groups, run_block
 from ..nn.low_rank import SVDQLinear, dense_weight_of
 from ..nn.residual import SVDQResidualLinear
 from .decisions import RANK_FROM_DATA, CompressionSettings, LayerDecision, LinearSpec, layer_bytes
-from .experts import compress_stack, stack_curves, stack_spectrum
+from .experts import stack_curves, stack_spectrum
 from .fisher import output_sensitivity
-from .matrix import base_quantization, low_rank, residual_parts, spectrum, truncation_spectrum
-from .memory import release_free_memory
+from .matrix import base_quantization, gptq_factor, low_rank, residual_parts, spectrum, truncation_spectrum
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +52,10 @@ def compress_layer(
     bias = getattr(module, "bias", None)
     if whitener is None and gram is not None:
         whitener = Whitener.from_gram(gram, settings.damp)
+    hinv = None
     if base is None and bits is not None:
-        base = base_quantization(w, gram, bits, decision.group_size, settings.residual_method, settings.damp)
+        hinv = gptq_factor(gram, settings.residual_method, settings.damp)
+        base = base_quantization(w, gram, bits, decision.group_size, settings.residual_method, settings.damp, hinv)
     target = w - base.dequantize() if base is not None else w
     if rank == RANK_FROM_DATA:
         if settings.energy is None:
@@ -71,7 +71,7 @@ def compress_layer(
         new: SVDQLinear | SVDQResidualLinear = _low_rank_module(spec, rank, low_rank(target, rank, gram, whitener, dtype),
                                                                  bias, dtype, transposed)
     else:
-        new = _residual_module(w, spec, rank, base, decision.group_size, settings, gram, whitener, bias, dtype, transposed)
+        new = _residual_module(w, spec, rank, base, decision.group_size, settings, gram, whitener, bias, dtype, transposed, hinv)
     for tensor_name, tensor in new.named_parameters():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"{spec.name}.{tensor_name}: compression produced non-finite values; please report it")
@@ -89,11 +89,12 @@ def _low_rank_module(spec: LinearSpec, rank: int, factors: LowRankInt8, bias: to
 
 def _residual_module(w: torch.Tensor, spec: LinearSpec, rank: int, base: Any, group_size: int | None,
                      settings: CompressionSettings, gram: torch.Tensor | None, whitener: Whitener | None,
-                     bias: torch.Tensor | None, dtype: torch.dtype, transposed: bool) -> SVDQResidualLinear:
+                     bias: torch.Tensor | None, dtype: torch.dtype, transposed: bool,
+                     hinv: torch.Tensor | None = None) -> SVDQResidualLinear:
     """``base`` plus a rank-``rank`` correction of its error, refined ``settings.refine_steps`` times."""
     residual = SVDQResidualLinear(spec.in_features, spec.out_features, rank, base.bits, group_size or spec.in_features,
                                   bias is not None, dtype=dtype, transposed=transposed)
-    base, correction = residual_parts(w, rank, base, group_size, settings, gram, whitener, dtype)
+    base, correction = residual_parts(w, rank, base, group_size, settings, gram, whitener, dtype, hinv)
     residual.load(base, correction, bias)
     return residual
 
@@ -105,17 +106,10 @@ def budget_ranks(model: nn.Module, targets: Sequence[LayerDecision], settings: C
     :func:`truncation_spectrum`) is used where given and filled in where missing."""
     spectra = {} if spectra is None else spectra
     plans = {d.spec.name: d for d in targets}
-    scale_bytes = 4
+    scale_bytes = _element_size(model)
     for d in targets:
-        if d.spec.experts:
-            scale_bytes = next(model.parameters()).element_size()
-            if d.spec.name not in spectra:
-                spectra[d.spec.name] = stack_spectrum(model, d.spec.name, grams.get(d.spec.name), d.bits, d.group_size, settings.damp)
-            continue
-        weight, _ = dense_weight_of(model.get_submodule(d.spec.name))
-        scale_bytes = weight.element_size()
         if d.spec.name not in spectra:
-            spectra[d.spec.name] = truncation_spectrum(weight, grams.get(d.spec.name), d.bits, d.group_size, settings.damp)
+            spectra[d.spec.name] = layer_curve(model, d, replace(settings, bit_choices=None), grams.get(d.spec.name))
     numbers = sum(d.spec.numel for d in targets)
     if settings.target_param_ratio is not None:
         budget = settings.target_param_ratio * numbers
@@ -144,30 +138,46 @@ class MixedBudget:
     prediction: dict[str, Any]
 
 
+def layer_curve(model: nn.Module, d: LayerDecision, settings: CompressionSettings, gram: Any) -> Any:
+    """What a global budget reads of one layer, from its weight and (calibrated) input Gram: the
+    truncation spectrum (:func:`truncation_spectrum`; a stack's :func:`stack_spectrum`) for a rank
+    budget, or ``{bits: relative error curve}`` for a mixed-bits budget. A few KB: computed block by
+    block while the Gram is alive, then kept until the budget is solved."""
+    if settings.bit_choices:
+        if d.spec.experts:
+            return stack_curves(model, d.spec.name, gram, settings.bit_choices, d.group_size, settings.damp)
+        weight, _ = dense_weight_of(model.get_submodule(d.spec.name))
+        return relative_error_curves(weight, gram, settings.bit_choices, d.group_size, settings.damp)
+    if d.spec.experts:
+        return stack_spectrum(model, d.spec.name, gram, d.bits, d.group_size, settings.damp)
+    weight, _ = dense_weight_of(model.get_submodule(d.spec.name))
+    return truncation_spectrum(weight, gram, d.bits, d.group_size, settings.damp)
+
+
 def mixed_budget(model: nn.Module, targets: Sequence[LayerDecision], settings: CompressionSettings,
-                 grams: Mapping[str, Any], ids: torch.Tensor | None = None) -> MixedBudget:
+                 grams: Mapping[str, Any], ids: torch.Tensor | None = None,
+                 curves: Mapping[str, dict[int, torch.Tensor]] | None = None,
+                 kappa: Mapping[str, float] | None = None) -> MixedBudget:
     """One (bits, rank) option per layer among ``settings.bit_choices`` under ``target_bits_per_weight``,
     minimising the summed relative output error (:mod:`hf_svdq.algorithms.allocation`), each layer's
     weighted by its Fisher sensitivity when calibrated (:mod:`hf_svdq.compression.fisher`; the weighted
-    sum predicts the perplexity ratio, returned in ``prediction``)."""
+    sum predicts the perplexity ratio, returned in ``prediction``). ``curves`` (:func:`layer_curve`) and
+    ``kappa`` are used where given, computed otherwise."""
     if not settings.bit_choices or settings.target_bits_per_weight is None:
         raise ValueError("mixed_budget needs bit_choices and target_bits_per_weight")
     names = [d.spec.name for d in targets]
-    kappa = output_sensitivity(model, names, ids, settings.batch_size) if ids is not None else dict.fromkeys(names, 1.0)
+    weighted = ids is not None or kappa is not None
+    if kappa is None:
+        kappa = output_sensitivity(model, names, ids, settings.batch_size) if ids is not None else dict.fromkeys(names, 1.0)
     options: dict[str, list[tuple[object, float, float]]] = {}
     numbers = 0
-    for d in tqdm(targets, desc="scoring bit/rank options", disable=len(targets) < 8):
-        if d.spec.experts:
-            curves = stack_curves(model, d.spec.name, grams.get(d.spec.name), settings.bit_choices, d.group_size, settings.damp)
-            element = next(model.parameters()).element_size()
-        else:
-            weight, _ = dense_weight_of(model.get_submodule(d.spec.name))
-            curves = relative_error_curves(weight, grams.get(d.spec.name), settings.bit_choices, d.group_size, settings.damp)
-            element = weight.element_size()
+    element = _element_size(model)
+    for d in tqdm(targets, desc="scoring bit/rank options", disable=len(targets) < 8 or curves is not None):
+        layer = curves[d.spec.name] if curves is not None else layer_curve(model, d, settings, grams.get(d.spec.name))
         limit = min(d.spec.out_features, d.spec.in_features)
         weight_of = kappa[d.spec.name]
         options[d.spec.name] = [((bits, r), float(layer_bytes(d.spec, r, bits, d.group_size, element)),
-                                 weight_of * float(curve[r])) for bits, curve in curves.items() for r in option_ranks(limit)]
+                                 weight_of * float(curve[r])) for bits, curve in layer.items() for r in option_ranks(limit)]
         numbers += d.spec.numel
     budget = settings.target_bits_per_weight * numbers / 8
     try:
@@ -177,12 +187,17 @@ def mixed_budget(model: nn.Module, targets: Sequence[LayerDecision], settings: C
                          f"{list(settings.bit_choices)} ({err})") from None
     keys = {n: cast(tuple[int, int], o[0]) for n, o in chosen.items()}
     total = sum(o[2] for o in chosen.values())
-    prediction = {"weighted": ids is not None, "objective": total,
-                  "perplexity_ratio": math.exp(total) if ids is not None else None}
+    prediction = {"weighted": weighted, "objective": total,
+                  "perplexity_ratio": math.exp(total) if weighted else None}
     logger.info("hf_svdq: mixed budget: %d of %d layers at other bits than %s; objective %.4g%s",
                 sum(k[0] != settings.residual_bits for k in keys.values()), len(keys), settings.residual_bits, total,
-                f" (predicted perplexity ratio {math.exp(total):.4f})" if ids is not None else "")
+                f" (predicted perplexity ratio {math.exp(total):.4f})" if weighted else "")
     return MixedBudget({n: int(k[1]) for n, k in keys.items()}, {n: int(k[0]) for n, k in keys.items()}, prediction)
+
+
+def _element_size(model: nn.Module) -> int:
+    """Bytes per element of the model's dense weights (the dtype scales are stored in)."""
+    return next(p for p in model.parameters() if p.is_floating_point()).element_size()
 
 
 @dataclass(frozen=True)
@@ -196,90 +211,3 @@ class CompressionResult:
     """Per compressed expert stack: experts with too few routed calibration tokens, compressed data-free."""
 
 
-def resolve_budget(model: nn.Module, targets: Sequence[LayerDecision], settings: CompressionSettings,
-                   grams: Mapping[str, Any], ids: torch.Tensor | None) -> tuple[list[LayerDecision], dict[str, Any] | None]:
-    """``targets`` with the ranks (and, with ``bit_choices``, the base bits) a global budget gives them;
-    unchanged without a budget. Also returns a mixed budget's prediction."""
-    if settings.budgeted and settings.bit_choices:
-        mixed = mixed_budget(model, targets, settings, grams, ids)
-        return [replace(d, rank=mixed.ranks[d.spec.name], bits=mixed.bits[d.spec.name]) for d in targets], mixed.prediction
-    if settings.budgeted:
-        ranks = budget_ranks(model, targets, settings, grams)
-        return [replace(d, rank=ranks[d.spec.name]) for d in targets], None
-    return list(targets), None
-
-
-def compress_model(
-    model: nn.Module, settings: CompressionSettings, decisions: Sequence[LayerDecision], ids: torch.Tensor | None,
-    progress: bool = True,
-) -> CompressionResult:
-    """Replace every layer ``decisions`` plans compressed (a rank, or ``RANK_FROM_DATA``) in place,
-    calibrated on ``ids`` when given (block by block when ``settings.sequential``)."""
-    targets = [d for d in decisions if d.rank is not None]
-    sequential = ids is not None and settings.sequential
-    grams: dict[str, torch.Tensor] = {}
-    if ids is not None and (not sequential or settings.budgeted):
-        grams = dense_grams(model, [d.spec.name for d in targets], ids, settings.batch_size, settings.stats_cache, progress)
-    targets, prediction = resolve_budget(model, targets, settings, grams, ids)
-    by_name = {d.spec.name: d for d in targets}
-    results: dict[str, tuple[object | None, int]] = {}
-    fallback: dict[str, int] = {}
-
-    def do(name: str, gram: Any) -> None:
-        if by_name[name].spec.experts:
-            done = compress_stack(model, by_name[name], settings, gram)
-            results[name] = (done.rank, done.rank or 0)
-            if done.rank is not None and ids is not None:
-                fallback[name] = done.fallback
-            release_free_memory()
-            return
-        new, rank = compress_layer(model.get_submodule(name), by_name[name], settings, gram)
-        results[name] = (new, rank)
-        if new is not None:
-            model.set_submodule(name, new)
-        release_free_memory()
-
-    if sequential:
-        assert ids is not None
-        _compress_block_by_block(model, list(by_name), ids, settings.batch_size, do, progress)
-    else:
-        for name in tqdm(list(by_name), desc="compressing", disable=not progress):
-            do(name, grams.get(name))
-    final = []
-    for d in decisions:
-        if d.rank is None:
-            final.append(d)
-            continue
-        new, rank = results[d.spec.name]
-        planned = by_name[d.spec.name]
-        final.append(replace(planned, rank=rank) if new is not None
-                     else LayerDecision(d.spec, None, f"break-even: rank {rank} is not smaller than dense"))
-    if any(fallback.values()):
-        stacks, experts = len(fallback), sum(by_name[n].spec.experts for n in fallback)
-        logger.warning("hf_svdq: %d of %d experts (in %d stacks) saw fewer routed calibration tokens than their input "
-                       "width and were compressed data-free", sum(fallback.values()), experts, stacks)
-    return CompressionResult(final, prediction, fallback)
-
-
-def _compress_block_by_block(model: nn.Module, names: Sequence[str], ids: torch.Tensor, batch: int,
-                             do: Callable[[str, torch.Tensor | None], None], progress: bool) -> None:
-    """Call ``do(name, gram)`` for every layer, block by block, each gram taken on the outputs of the
-    blocks already compressed (layers outside the blocks last, on dense statistics)."""
-    prefix, blocks = find_blocks(model)
-    hidden, kwargs = block_inputs(model, blocks, ids, batch)
-    done: set[str] = set()
-    for index, block in enumerate(tqdm(blocks, desc="calibrated compression", disable=not progress)):
-        block_prefix = f"{prefix}.{index}."
-        local_names = [n[len(block_prefix):] for n in names if n.startswith(block_prefix)]
-        for group in input_groups(block, local_names, hidden[0], kwargs[index]) if local_names else []:
-            group_grams = block_grams(block, group, hidden, kwargs[index])
-            for local in group:
-                do(block_prefix + local, group_grams[local])
-                done.add(block_prefix + local)
-        with torch.no_grad():
-            hidden = [run_block(block, h, kwargs[index]) for h in hidden]
-    rest = [n for n in names if n not in done]
-    if rest:
-        extra = dense_grams(model, rest, ids, batch, None, progress)
-        for name in rest:
-            do(name, extra.get(name))

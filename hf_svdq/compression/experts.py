@@ -23,7 +23,7 @@ from ..algorithms.whitening import Whitener
 from ..calibration.statistics import ExpertGrams
 from ..nn.experts import ExpertStack, StackFormat, SVDQExperts, find_expert_stacks
 from .decisions import RANK_FROM_DATA, CompressionSettings, LayerDecision, layer_bytes
-from .matrix import base_quantization, low_rank, residual_parts, spectrum, truncation_spectrum
+from .matrix import base_quantization, gptq_factor, low_rank, residual_parts, spectrum, truncation_spectrum
 
 MIN_TOKENS_PER_INPUT = 1.0
 """An expert's statistics are used when it saw at least this many tokens per input column."""
@@ -87,11 +87,13 @@ def compress_stack(model: nn.Module, decision: LayerDecision, settings: Compress
     grams = [_expert_gram(gram, e, needed) for e in range(stack.experts)]
     fallback = sum(g is None for g in grams) if gram is not None else 0
 
-    def prepared(e: int) -> tuple[torch.Tensor, Whitener | None, object]:
+    def prepared(e: int) -> tuple[torch.Tensor, Whitener | None, object, torch.Tensor | None]:
         w, gram_e = weights[e].to(torch.float32), grams[e]
         whitener = Whitener.from_gram(gram_e, settings.damp) if gram_e is not None else None
-        base = base_quantization(w, grams[e], bits, group, settings.residual_method, settings.damp) if bits is not None else None
-        return w, whitener, base
+        hinv = gptq_factor(gram_e, settings.residual_method, settings.damp) if bits is not None else None
+        base = (base_quantization(w, gram_e, bits, group, settings.residual_method, settings.damp, hinv)
+                if bits is not None else None)
+        return w, whitener, base, hinv
 
     rank = decision.rank
     if rank == RANK_FROM_DATA:
@@ -99,7 +101,7 @@ def compress_stack(model: nn.Module, decision: LayerDecision, settings: Compress
             raise ValueError(f"compress_stack: {spec.name}'s rank is left to the data and no energy threshold is set")
         ranks = []
         for e in range(stack.experts):
-            w, whitener, base = prepared(e)
+            w, whitener, base, _ = prepared(e)
             target = w - base.dequantize() if base is not None else w  # type: ignore[attr-defined]
             ranks.append(energy_rank(spectrum(target, whitener), settings.energy))
         rank = max(ranks)
@@ -109,11 +111,11 @@ def compress_stack(model: nn.Module, decision: LayerDecision, settings: Compress
     bases: list[Any] = []
     corrections: list[LowRankInt8 | None] = []
     for e in range(stack.experts):
-        w, whitener, base = prepared(e)
+        w, whitener, base, hinv = prepared(e)
         if base is None:
             corrections.append(low_rank(w, rank, grams[e], whitener, dtype))
             continue
-        base, correction = residual_parts(w, rank, base, group, settings, grams[e], whitener, dtype)
+        base, correction = residual_parts(w, rank, base, group, settings, grams[e], whitener, dtype, hinv)
         bases.append(base)
         corrections.append(correction)
     experts = as_svdq_experts(model, spec.name.rpartition(".")[0])

@@ -118,7 +118,7 @@ class SVDQuantizer(HfQuantizer):
         if self.non_finite:
             raise ValueError("; ".join(self.non_finite))
         if self._after_load:
-            from ..compression.compress import compress_model
+            from ..compression.blockwise import compress_model
 
             ids = None
             if config.calibration is not None:
