@@ -117,20 +117,26 @@ def quantize_rtn(
     )
 
 
+def damped_diagonal(gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """The diagonal of GPTQ's Hessian ``H`` (float64): ``diag(G)`` with never-reached columns (zero) set to 1,
+    plus ``damp`` times its mean."""
+    diagonal = gram.detach().diagonal().to(torch.float64).clone()
+    diagonal[diagonal <= 0] = 1.0
+    return diagonal + damp * float(diagonal.mean())
+
+
 def inverse_hessian_factor(gram: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """GPTQ's ``U``: the upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``) for ``H = G + damp * mean(diag G) I``
     (computed in float64, returned as float32). Columns the calibration never reached (zero diagonal)
     get ``H_jj = 1``. Computed as the inverse of the upper-triangular ``V`` with ``H = V V^T`` (one
     Cholesky of ``H`` with its order reversed, then a triangular inverse by halves): the same factor
     as ``cholesky(cholesky_inverse(cholesky(H)), upper=True)`` (SmolLM2's recommended-mode perplexity
-    comes out bit-identical) at under half the cost (8192 wide: ~6 s instead of ~14 s on 2 EPYC
-    cores). Float64 matters: the whole chain in float32, as GPTQ's reference runs it, moved SmolLM2's
+    comes out bit-identical) at less cost (8192 wide: 8.4 s, median of 3, instead of 12.0 s on 2
+    EPYC cores). Float64 matters: the whole chain in float32, as GPTQ's reference runs it, moved SmolLM2's
     recommended-mode perplexity ratio from 1.019x to 1.044x. Depends only on the Gram: compute it
     once per layer (the refinement step reuses it)."""
     h = gram.detach().to(torch.float64).clone()
-    dead = h.diagonal() <= 0
-    h[dead, dead] = 1.0
-    h.diagonal().add_(damp * float(h.diagonal().mean()))
+    h.diagonal().copy_(damped_diagonal(gram, damp))
     flipped = h.flip(0, 1)
     del h
     lower = torch.linalg.cholesky(flipped)  # P H P = L L^T, so H = V V^T with V = P L P upper triangular
@@ -173,9 +179,7 @@ def quantize_gptq(
     wt[dead, :] = 0.0
     if hinv is None:
         hinv = inverse_hessian_factor(gram, damp)
-    h_diag = gram.diagonal().to(torch.float32).clone()
-    h_diag[dead] = 1.0
-    diag = h_diag + damp * float(h_diag.mean())
+    diag = damped_diagonal(gram, damp).to(torch.float32)
 
     groups = n // group_size
     block = group_size * max(1, block // group_size)  # every group lies inside one block

@@ -204,3 +204,28 @@ class CalibrationConfig:
             n_samples, seq_len = self.n_samples, self.seq_len
         return {"source": source, "sha256": digest, "n_samples": int(n_samples), "seq_len": int(seq_len),
                 "sequential": self.sequential}
+
+
+def calibration_tokenizer(calibration: CalibrationConfig, model_source: str | None) -> Any:
+    """The tokenizer ``calibration`` needs (None when it brings token ids or samples from the model):
+    ``calibration.tokenizer``, else the model's own from ``model_source``; ValueError naming the
+    source when none loads."""
+    from transformers import AutoTokenizer
+
+    if calibration.input_ids is not None or calibration.dataset == "model":
+        return None
+    source = calibration.tokenizer or model_source
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if source and Path(source).is_dir() and not any((Path(source) / f).is_file() for f in tokenizer_files):
+        # some transformers versions fall back to a useless default tokenizer here instead of failing
+        raise ValueError(
+            f"calibration needs a tokenizer: {source!r} has no tokenizer files; "
+            "set calibration.tokenizer (a path or Hub id) or give calibration.input_ids"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(
+            f"calibration needs a tokenizer: none could be loaded from {source!r} ({err.__class__.__name__}); "
+            "set calibration.tokenizer (a path or Hub id) or give calibration.input_ids"
+        ) from None

@@ -105,15 +105,6 @@ def _torch_dtype(name: str) -> object:
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-def _local_folder(model: str) -> Path:
-    path = Path(model)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.md"]))
-
-
 def _compress_config(args: argparse.Namespace) -> Any:
     """The ``SVDQuantConfig`` the compress arguments ask for (the recommended mode without a rank policy)."""
     from ..calibration.source import CalibrationConfig
@@ -147,20 +138,37 @@ def _compress_config(args: argparse.Namespace) -> Any:
     )
 
 
-def _save_compressed(args: argparse.Namespace, model: Any, tokenizer: Any, source: str) -> None:
-    """Weights, tokenizer and card into ``args.outdir``, atomically."""
-    from ..format.output_folder import atomic_folder
+def _load_tokenizer(source: str) -> Any:
+    """The source's tokenizer to save beside the checkpoint, or None (with a note) when it cannot load."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, ImportError) as err:  # ImportError: e.g. a slow tokenizer needing protobuf
+        print(f"note: no tokenizer saved ({type(err).__name__}: {str(err).strip()[:200]})", file=sys.stderr)
+        return None
+
+
+def _write_extras(args: argparse.Namespace, folder: Path, tokenizer: Any, source: str) -> None:
+    """The tokenizer and the model card, into the output folder before it is published."""
     from ..publishing.hub import base_model_of
     from ..publishing.model_card import write_model_card
 
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    try:
+        write_model_card(folder, args.outdir.name, base_model=base_model_of(source))
+    except ValueError as err:  # e.g. every layer stayed dense: no card to write
+        print(f"note: no model card written ({err})", file=sys.stderr)
+
+
+def _save_compressed(args: argparse.Namespace, model: Any, tokenizer: Any, source: str) -> None:
+    """Weights, tokenizer and card into ``args.outdir``, atomically."""
+    from ..format.output_folder import atomic_folder
+
     with atomic_folder(args.outdir, overwrite=args.overwrite) as folder:
         model.save_pretrained(folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        try:
-            write_model_card(folder, args.outdir.name, base_model=base_model_of(source))
-        except ValueError as err:  # e.g. every layer stayed dense: no card to write
-            print(f"note: no model card written ({err})", file=sys.stderr)
+        _write_extras(args, folder, tokenizer, source)
 
 
 def _check_compressed(args: argparse.Namespace, model: Any, tokenizer: Any, source: str) -> Any:
@@ -183,7 +191,7 @@ def _check_compressed(args: argparse.Namespace, model: Any, tokenizer: Any, sour
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from ..format.inspect import checkpoint_report, format_report
     from ..format.output_folder import check_output_folder
@@ -192,99 +200,69 @@ def cmd_compress(args: argparse.Namespace) -> int:
     config = _compress_config(args)
     source = resolve_model_id(args.model)
     check_output_folder(args.outdir, [source], overwrite=args.overwrite)  # before any work
-    if not args.in_memory and not args.heal_steps:
-        from ..streaming import StreamingUnsupported
-
-        try:
-            return _compress_streaming(args, config, source)
-        except StreamingUnsupported as err:
-            print(f"note: {err}; loading the whole model instead", file=sys.stderr)
-    elif args.resume:
+    if args.resume and (args.in_memory or args.heal_steps):
         raise ValueError("--resume continues a streaming compression; it does not combine with --in-memory or --heal-steps")
-    start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=config, dtype=_torch_dtype(args.dtype))
-    seconds = time.perf_counter() - start
-    tokenizer = None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, ImportError) as err:  # ImportError: e.g. a slow tokenizer needing protobuf
-        print(f"note: no tokenizer saved ({type(err).__name__}: {str(err).strip()[:200]})", file=sys.stderr)
-    if args.heal_steps:
-        from ..compression.healing import heal_with_config
-
-        teacher = AutoModelForCausalLM.from_pretrained(source, dtype=_torch_dtype(args.dtype))
-        healed = heal_with_config(model, teacher, tokenizer, args.heal_steps)
-        print(f"healing: {healed.steps} steps on {healed.tokens} tokens, KL to dense {healed.kl_before:.4f} -> "
-              f"{healed.kl_after:.4f} ({healed.seconds:.0f} s)", file=sys.stderr)
-        del teacher
-    _save_compressed(args, model, tokenizer, source)
-    report = checkpoint_report(args.outdir)
-    check = _check_compressed(args, model, tokenizer, source)
-    if args.json:
-        result = {"load_and_compress_seconds": seconds, **report.to_dict()}
-        print(json.dumps({**result, "check": None if check is None else check.to_dict()}, indent=2))
-    else:
-        from ..evaluation.check import format_quick_check
-
-        print(format_report(report, per_layer=False))
-        print(f"load + compress: {seconds:.1f} s; saved to {args.outdir}")
-        if check is not None:
-            print(format_quick_check(check))
-    return 0
-
-
-def _compress_streaming(args: argparse.Namespace, config: Any, source: str) -> int:
-    """``compress`` a block at a time from disk to disk (:mod:`hf_svdq.streaming`), then the same report and check."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..format.inspect import checkpoint_report, format_report
-    from ..publishing.hub import base_model_of
-    from ..publishing.model_card import write_model_card
-    from ..streaming import compress_checkpoint
-
-    tokenizer = None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, ImportError) as err:
-        print(f"note: no tokenizer saved ({type(err).__name__}: {str(err).strip()[:200]})", file=sys.stderr)
-
-    def finish(folder: Path) -> None:
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        try:
-            write_model_card(folder, args.outdir.name, base_model=base_model_of(source))
-        except ValueError as err:
-            print(f"note: no model card written ({err})", file=sys.stderr)
-
-    start = time.perf_counter()
+    tokenizer = _load_tokenizer(source)
     dtype = _torch_dtype(args.dtype)
-    done = compress_checkpoint(source, args.outdir, config, dtype=None if dtype == "auto" else dtype,  # type: ignore[arg-type]
-                               resume=args.resume, overwrite=args.overwrite, memory_check=not args.no_memory_check,
-                               finish=finish)
-    seconds = time.perf_counter() - start
-    print(done.estimate.describe(), file=sys.stderr)
+    start = time.perf_counter()
+    model = None
+    streamed = not args.in_memory and not args.heal_steps
+    if streamed:
+        streamed = _compress_streaming(args, config, source, tokenizer)
+        seconds = time.perf_counter() - start
+    if not streamed:
+        start = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(source, quantization_config=config, dtype=dtype)
+        seconds = time.perf_counter() - start
+        if args.heal_steps:
+            from ..compression.healing import heal_with_config
+
+            teacher = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            healed = heal_with_config(model, teacher, tokenizer, args.heal_steps)
+            print(f"healing: {healed.steps} steps on {healed.tokens} tokens, KL to dense {healed.kl_before:.4f} -> "
+                  f"{healed.kl_after:.4f} ({healed.seconds:.0f} s)", file=sys.stderr)
+            del teacher
+        _save_compressed(args, model, tokenizer, source)
     report = checkpoint_report(args.outdir)
-    check = None
-    if not args.no_check:
+    if model is None and not args.no_check and tokenizer is not None:
         model = AutoModelForCausalLM.from_pretrained(args.outdir, dtype=dtype)
-        check = _check_compressed(args, model, tokenizer, source)
+    check = _check_compressed(args, model, tokenizer, source)
+    how = "compress (streamed from disk, a block at a time)" if streamed else "load + compress"
     if args.json:
-        result = {"load_and_compress_seconds": seconds, "streamed": True, **report.to_dict()}
+        result = {"load_and_compress_seconds": seconds, "streamed": streamed, **report.to_dict()}
         print(json.dumps({**result, "check": None if check is None else check.to_dict()}, indent=2))
     else:
         from ..evaluation.check import format_quick_check
 
         print(format_report(report, per_layer=False))
-        print(f"compress (streamed from disk, a block at a time): {seconds:.1f} s; saved to {args.outdir}")
+        print(f"{how}: {seconds:.1f} s; saved to {args.outdir}")
         if check is not None:
             print(format_quick_check(check))
     return 0
+
+
+def _compress_streaming(args: argparse.Namespace, config: Any, source: str, tokenizer: Any) -> bool:
+    """``compress`` a block at a time from disk to disk (:mod:`hf_svdq.streaming`); False (with a note) when
+    this model or config needs the whole model in memory."""
+    from ..streaming import StreamingUnsupported, compress_checkpoint
+
+    dtype = _torch_dtype(args.dtype)
+    try:
+        done = compress_checkpoint(source, args.outdir, config, dtype=None if dtype == "auto" else dtype,  # type: ignore[arg-type]
+                                   resume=args.resume, overwrite=args.overwrite, memory_check=not args.no_memory_check,
+                                   finish=lambda folder: _write_extras(args, folder, tokenizer, source))
+    except StreamingUnsupported as err:
+        print(f"note: {err}; loading the whole model instead", file=sys.stderr)
+        return False
+    print(done.estimate.describe(), file=sys.stderr)
+    return True
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from ..format.checkpoint import resolve_checkpoint
     from ..format.inspect import checkpoint_report, format_report
 
-    report = checkpoint_report(_local_folder(args.checkpoint))
+    report = checkpoint_report(resolve_checkpoint(args.checkpoint))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

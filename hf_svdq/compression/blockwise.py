@@ -32,6 +32,7 @@ from ..calibration.statistics import (
     block_inputs,
     cache_path,
     dense_grams,
+    find_blocks,
     input_groups,
     load_grams,
     run_block,
@@ -108,8 +109,6 @@ def compress_model(
     when ``settings.sequential``, else on the dense model's). ``blocks``: how to reach the blocks
     (default: the model's own, in memory)."""
     if blocks is None:
-        from ..calibration.statistics import find_blocks
-
         prefix, modules = find_blocks(model)
         blocks = ModelBlocks(prefix, modules)
     targets = [d for d in decisions if d.rank is not None]
@@ -140,10 +139,7 @@ def compress_model(
 def _solve_budget(model: nn.Module, targets: list[LayerDecision], settings: CompressionSettings,
                   curves: dict[str, Any], kappa: dict[str, float] | None) -> tuple[list[LayerDecision], dict[str, Any] | None]:
     if settings.bit_choices:
-        mixed = mixed_budget(model, targets, settings, {}, curves=curves,
-                             kappa=kappa if kappa is not None else {d.spec.name: 1.0 for d in targets})
-        if kappa is None:
-            mixed.prediction.update(weighted=False, perplexity_ratio=None)
+        mixed = mixed_budget(model, targets, settings, {}, curves=curves, kappa=kappa)
         return [replace(d, rank=mixed.ranks[d.spec.name], bits=mixed.bits[d.spec.name]) for d in targets], mixed.prediction
     ranks = budget_ranks(model, targets, settings, {}, dict(curves))
     return [replace(d, rank=ranks[d.spec.name]) for d in targets], None
@@ -238,8 +234,8 @@ class _Run:
             return {}, hidden
         assert self._kwargs is not None
         kwargs = self._kwargs[index]
-        local = [d.spec.name[len(self.blocks.prefix) + 1:].split(".", 1)[1] for d in targets]
         prefix = f"{self.blocks.prefix}.{index}."
+        local = [d.spec.name[len(prefix):] for d in targets]
         groups = input_groups(block, local, hidden[0], kwargs) if local else []
         path = None
         if self.settings.stats_cache and groups:
@@ -294,7 +290,7 @@ class _Run:
             if d.rank is None:
                 final.append(d)
                 continue
-            done, rank = self.results.get(d.spec.name, (True, by_name[d.spec.name].rank or 0))
+            done, rank = self.results[d.spec.name]
             final.append(replace(by_name[d.spec.name], rank=rank) if done
                          else LayerDecision(d.spec, None, f"break-even: rank {rank} is not smaller than dense"))
         if any(self.fallback.values()):

@@ -21,7 +21,7 @@ from ..algorithms.allocation import option_ranks, relative_error_curves
 from ..algorithms.budget import allocate_ranks, choose_options
 from ..algorithms.linalg import LowRankInt8, energy_rank
 from ..algorithms.whitening import Whitener
-from ..nn.low_rank import SVDQLinear, dense_weight_of
+from ..nn.low_rank import SVDQLinear, dense_element_bytes, dense_weight_of
 from ..nn.residual import SVDQResidualLinear
 from .decisions import RANK_FROM_DATA, CompressionSettings, LayerDecision, LinearSpec, layer_bytes
 from .experts import stack_curves, stack_spectrum
@@ -106,7 +106,7 @@ def budget_ranks(model: nn.Module, targets: Sequence[LayerDecision], settings: C
     :func:`truncation_spectrum`) is used where given and filled in where missing."""
     spectra = {} if spectra is None else spectra
     plans = {d.spec.name: d for d in targets}
-    scale_bytes = _element_size(model)
+    scale_bytes = dense_element_bytes(model)
     for d in targets:
         if d.spec.name not in spectra:
             spectra[d.spec.name] = layer_curve(model, d, replace(settings, bit_choices=None), grams.get(d.spec.name))
@@ -171,7 +171,7 @@ def mixed_budget(model: nn.Module, targets: Sequence[LayerDecision], settings: C
         kappa = output_sensitivity(model, names, ids, settings.batch_size) if ids is not None else dict.fromkeys(names, 1.0)
     options: dict[str, list[tuple[object, float, float]]] = {}
     numbers = 0
-    element = _element_size(model)
+    element = dense_element_bytes(model)
     for d in tqdm(targets, desc="scoring bit/rank options", disable=len(targets) < 8 or curves is not None):
         layer = curves[d.spec.name] if curves is not None else layer_curve(model, d, settings, grams.get(d.spec.name))
         limit = min(d.spec.out_features, d.spec.in_features)
@@ -193,11 +193,6 @@ def mixed_budget(model: nn.Module, targets: Sequence[LayerDecision], settings: C
                 sum(k[0] != settings.residual_bits for k in keys.values()), len(keys), settings.residual_bits, total,
                 f" (predicted perplexity ratio {math.exp(total):.4f})" if weighted else "")
     return MixedBudget({n: int(k[1]) for n, k in keys.items()}, {n: int(k[0]) for n, k in keys.items()}, prediction)
-
-
-def _element_size(model: nn.Module) -> int:
-    """Bytes per element of the model's dense weights (the dtype scales are stored in)."""
-    return next(p for p in model.parameters() if p.is_floating_point()).element_size()
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,31 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "chat_template.jinja")
 """The tokenizer files a model folder may hold (carried into exports and pushes)."""
 INDEX_FILE = "model.safetensors.index.json"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+"""What a checkpoint folder needs from the Hub: config, weights, tokenizer, chat template."""
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike[str]) -> Path:
+    """A local folder as is; anything else is taken as a Hub repo id and downloaded (weights, config, tokenizer)."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        return path
+    if path.exists() or str(checkpoint).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"checkpoint {checkpoint} is not a folder")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(checkpoint), allow_patterns=HUB_PATTERNS))
+
+
+def tensor_nbytes(shape: Sequence[int], dtype: str) -> int:
+    """Bytes of a tensor of ``shape`` and safetensors ``dtype`` (e.g. ``"BF16"``)."""
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count * _DTYPE_BYTES.get(dtype, 4)
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def check_single_or_sharded(files: Iterable[str | os.PathLike[str]]) -> None:

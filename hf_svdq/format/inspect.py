@@ -11,9 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import layout as fmt
-from .checkpoint import TensorHeaders, expected_tensors, read_headers, safetensors_files
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+from .checkpoint import TensorHeaders, expected_tensors, read_headers, safetensors_files, tensor_nbytes
 
 
 @dataclass(frozen=True)
@@ -72,13 +70,6 @@ class CheckpointReport:
         }
 
 
-def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count * _DTYPE_BYTES.get(dtype, 4)
-
-
 def checkpoint_report(folder: str | Path) -> CheckpointReport:
     """Report on a saved (hf_svdq or plain) checkpoint folder."""
     folder = Path(folder)
@@ -103,7 +94,7 @@ def checkpoint_report(folder: str | Path) -> CheckpointReport:
     rows.extend(_dense_row(headers, name, note) for name, note in dense_notes.items())
     rows.sort(key=lambda r: r.name)
 
-    total = sum(_nbytes(*v) for v in headers.values())
+    total = sum(tensor_nbytes(*v) for v in headers.values())
     dense_total = total - sum(r.stored_bytes - r.dense_bytes for r in rows if r.rank is not None)
     params = sum(_numel(shape) for key, (shape, _) in headers.items() if key not in compressed_tensors)
     params += sum(r.weights for r in rows if r.rank is not None)
@@ -129,8 +120,8 @@ def _compressed_row(folder: Path, headers: TensorHeaders, name: str, rank: int, 
     missing = [n for n in expected if n not in headers]
     if missing:
         raise ValueError(f"{folder}: compressed layer {name} lacks tensor(s) {missing}")
-    stored = sum(_nbytes(*headers[n]) for n in expected)
-    dense = out_features * in_features * _DTYPE_BYTES.get(scale_dtype, 4)
+    stored = sum(tensor_nbytes(*headers[n]) for n in expected)
+    dense = out_features * in_features * tensor_nbytes((), scale_dtype)
     return LayerRow(name, out_features, in_features, rank, dense, stored, ""), expected
 
 
@@ -151,21 +142,21 @@ def _expert_row(folder: Path, headers: TensorHeaders, name: str, rank: int, bits
     missing = [n for n in expected if n not in headers]
     if missing:
         raise ValueError(f"{folder}: compressed expert stack {name} lacks tensor(s) {missing}")
-    stored = sum(_nbytes(*headers[n]) for n in expected)
-    dense = experts * out_features * in_features * _DTYPE_BYTES.get(scale_dtype, 4)
+    stored = sum(tensor_nbytes(*headers[n]) for n in expected)
+    dense = experts * out_features * in_features * tensor_nbytes((), scale_dtype)
     return LayerRow(name, out_features, in_features, rank, dense, stored, "", experts), expected
 
 
 def _dense_row(headers: TensorHeaders, name: str, note: str) -> LayerRow:
     if name in headers and len(headers[name][0]) == 3:  # a dense expert stack
         shape, dtype = headers[name]
-        size = _nbytes(shape, dtype)
+        size = tensor_nbytes(shape, dtype)
         return LayerRow(name, shape[1], shape[2], None, size, size, note, shape[0])
     key = f"{name}.weight"
     if key not in headers:  # a head tied to the embedding is stored once, under the embedding
         return LayerRow(name, 0, 0, None, 0, 0, f"{note} (tied: stored with the weight it is tied to)")
     shape, dtype = headers[key]
-    size = _nbytes(shape, dtype)
+    size = tensor_nbytes(shape, dtype)
     return LayerRow(name, shape[0], shape[-1], None, size, size, note)  # as stored (GPT-2 Conv1D stores [in, out])
 
 

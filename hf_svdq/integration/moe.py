@@ -1,5 +1,5 @@
 """Mixture-of-experts stacks inside ``from_pretrained``: the module swap, quantize-on-load of an arriving
-stack, coverage recording, and the save-time names. Called by :mod:`hf_svdq.integration.quantizer` (the one
+stack, and the save-time names. Called by :mod:`hf_svdq.integration.quantizer` (the one
 module that implements transformers' quantizer hooks); nothing here touches that API.
 """
 
@@ -15,7 +15,6 @@ from ..compression.decisions import LayerDecision
 from ..compression.memory import release_free_memory
 from ..format import layout as fmt
 from ..nn.experts import StackFormat, SVDQExperts, find_expert_stacks
-from .config import SVDQuantConfig
 
 logger = logging.getLogger(__name__)
 
@@ -71,23 +70,6 @@ def swap_in_experts(model: nn.Module, decisions: list[LayerDecision], dense_plac
         model.set_submodule(module_name, new)
 
 
-def record_coverage(model: nn.Module, config: SVDQuantConfig, decisions: list[LayerDecision],
-                     fallback: dict[str, int]) -> None:
-    """Measure what was compressed (:mod:`hf_svdq.compression.coverage`), log it, warn about unsupported
-    module types, and record it (with per-expert calibration fallbacks) in the config that is saved."""
-    from ..compression.coverage import measure_coverage, warn_unsupported
-
-    coverage = measure_coverage(model, decisions)
-    for line in coverage.lines():
-        logger.info("hf_svdq: %s", line)
-    warn_unsupported(coverage)
-    recorded = coverage.to_dict()
-    if fallback:
-        recorded["experts_calibrated_data_free"] = {"experts": sum(fallback.values()),
-                                                    "of": sum(d.spec.experts for d in decisions if d.spec.name in fallback)}
-    config.coverage = recorded
-
-
 def keep_fused_expert_names(model: nn.Module) -> None:
     """Save expert stacks (compressed, and dense ones beside them) under the names they have in the model, so
     an hf_svdq checkpoint always holds experts fused. transformers' save reverts
@@ -119,4 +101,4 @@ def restore_conversions(model: nn.Module) -> None:
         model._weight_conversions = model.__dict__.pop("_hf_svdq_weight_conversions")  # type: ignore[assignment]
 
 
-__all__ = ["keep_fused_expert_names", "quantize_stack", "record_coverage", "restore_conversions", "swap_in_experts"]
+__all__ = ["keep_fused_expert_names", "quantize_stack", "restore_conversions", "swap_in_experts"]

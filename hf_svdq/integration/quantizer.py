@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +27,8 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 
 from ..algorithms.linalg import low_rank_int8
-from ..compression.decisions import LayerDecision, recorded_dense, recorded_layer_bits, recorded_ranks
+from ..calibration.source import calibration_tokenizer
+from ..compression.decisions import LayerDecision, recorded_dense, recorded_ranks
 from ..compression.memory import release_free_memory
 from ..compression.plan import (
     compression_settings,
@@ -42,9 +42,10 @@ from ..format import layout as fmt
 from ..format.checkpoint import check_expert_stack, check_layer, check_single_or_sharded, read_headers
 from ..nn.experts import SVDQExperts
 from ..nn.layers import COMPRESSED_LAYERS, SVDQLinear, SVDQResidualLinear
-from ..nn.low_rank import dense_weight_of
+from ..nn.low_rank import dense_element_bytes, dense_weight_of
 from .config import SVDQuantConfig
-from .moe import keep_fused_expert_names, quantize_stack, record_coverage, restore_conversions, swap_in_experts
+from .moe import keep_fused_expert_names, quantize_stack, restore_conversions, swap_in_experts
+from .recording import record_coverage, record_result
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class SVDQuantizer(HfQuantizer):
             if self.pre_quantized:
                 _check_checkpoint(kwargs.get("checkpoint_files"), decisions, model)
         else:
-            decisions = resolve_plan(specs, config, protected_layers(model), _element_bytes(model))
+            decisions = resolve_plan(specs, config, protected_layers(model), dense_element_bytes(model))
         self._decisions = decisions
         if self._after_load:
             return  # the dense model loads as usual; _process_model_after_weight_loading compresses it
@@ -122,14 +123,9 @@ class SVDQuantizer(HfQuantizer):
 
             ids = None
             if config.calibration is not None:
-                ids = config.calibration.token_ids(_calibration_tokenizer(model, config), model)
+                ids = config.calibration.token_ids(calibration_tokenizer(config.calibration, getattr(model.config, "name_or_path", None)), model)
             result = compress_model(model, compression_settings(config), self._decisions, ids)
-            config.ranks, config.dense = recorded_ranks(result.decisions), recorded_dense(result.decisions)
-            if config.bit_choices:  # a mixed budget chose each layer's bits: record the ones that differ
-                config.layer_bits = recorded_layer_bits(result.decisions, config.residual_bits)
-            config.prediction = result.prediction
-            log_plan(result.decisions)
-            record_coverage(model, config, result.decisions, result.expert_fallback)
+            record_result(model, config, result)
             keep_fused_expert_names(model)
             _attach_hub(model)
             _maybe_int8_head(model, config)
@@ -265,37 +261,6 @@ def _check_checkpoint(files: list[str] | None, decisions: list[LayerDecision], m
                                d.bits, d.group_size)
         elif d.rank is not None:
             check_layer(headers, d.spec.name, d.spec.out_features, d.spec.in_features, d.rank, d.bits, d.group_size)
-
-
-def _calibration_tokenizer(model: nn.Module, config: SVDQuantConfig) -> Any:
-    from transformers import AutoTokenizer
-
-    calibration = config.calibration
-    assert calibration is not None
-    if calibration.input_ids is not None or calibration.dataset == "model":
-        return None
-    source = calibration.tokenizer or getattr(model.config, "name_or_path", None)
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if source and Path(source).is_dir() and not any((Path(source) / f).is_file() for f in tokenizer_files):
-        # some transformers versions fall back to a useless default tokenizer here instead of failing
-        raise ValueError(
-            f"calibration needs a tokenizer: {source!r} has no tokenizer files; "
-            "set calibration.tokenizer (a path or Hub id) or give calibration.input_ids"
-        )
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, TypeError) as err:
-        raise ValueError(
-            f"calibration needs a tokenizer: none could be loaded from {source!r} ({err.__class__.__name__}); "
-            "set calibration.tokenizer (a path or Hub id) or give calibration.input_ids"
-        ) from None
-
-
-def _element_bytes(model: nn.Module) -> int:
-    for param in model.parameters():
-        if param.is_floating_point():
-            return param.element_size()
-    return 4
 
 
 def _swap_in(model: nn.Module, decision: LayerDecision, dense_placeholder: bool) -> None:

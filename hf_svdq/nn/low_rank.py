@@ -136,6 +136,14 @@ def dense_module(weight: torch.Tensor, bias: torch.Tensor | None, transposed: bo
     return module
 
 
+def dense_element_bytes(model: nn.Module) -> int:
+    """Bytes per element of the model's dense float weights (what scales are stored in; 4 when it has none)."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.element_size()
+    return 4
+
+
 def dense_weight_of(module: nn.Module) -> tuple[torch.Tensor, bool]:
     """``(weight as [out, in], transposed)`` of an ``nn.Linear`` or GPT-2 ``Conv1D``."""
     if isinstance(module, nn.Linear):

@@ -14,30 +14,16 @@ from typing import Any
 
 from huggingface_hub.utils.sha import sha_fileobj
 
+from ..format.checkpoint import resolve_checkpoint
 from ..format.output_folder import atomic_folder, check_output_folder
 
 FORMATS = ("gguf", "awq-lora")
 MANIFEST = "hf_svdq_export.json"
 EXPORT_VERSION = 1
 CARD = "README.md"
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
-
-
 def _sha256(path: Path) -> str:
     with path.open("rb") as handle:
         return sha_fileobj(handle).hex()
-
-
-def resolve_checkpoint(checkpoint: str | Path) -> Path:
-    """A local folder as is; anything else is taken as a Hub repo id and downloaded (weights, config, tokenizer)."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        return path
-    if path.exists() or str(checkpoint).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"checkpoint {checkpoint} is not a folder")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(checkpoint), allow_patterns=HUB_PATTERNS))
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, format: str = "gguf", *, overwrite: bool = False,

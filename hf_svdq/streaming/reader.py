@@ -14,14 +14,13 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+from ..format.checkpoint import INDEX_FILE, SINGLE_FILE
 
 
 @dataclass
 class LazyCheckpoint:
     """Which safetensors file holds each tensor of a checkpoint folder; tensors are read on request
-    (memory-mapped, then copied), never the whole file."""
+    (memory-mapped until the block holding them is dropped), never the whole file."""
 
     folder: Path
     files: dict[str, str]  # tensor name -> file name
@@ -29,15 +28,15 @@ class LazyCheckpoint:
     @classmethod
     def open(cls, folder: str | Path) -> LazyCheckpoint:
         folder = Path(folder)
-        index = folder / INDEX_NAME
+        index = folder / INDEX_FILE
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             return cls(folder, dict(weight_map))
-        single = folder / SINGLE_NAME
+        single = folder / SINGLE_FILE
         if single.is_file():
             with safe_open(str(single), framework="pt") as handle:
-                return cls(folder, dict.fromkeys(handle.keys(), SINGLE_NAME))
-        raise FileNotFoundError(f"{folder} holds no safetensors checkpoint ({INDEX_NAME} or {SINGLE_NAME}); "
+                return cls(folder, dict.fromkeys(handle.keys(), SINGLE_FILE))
+        raise FileNotFoundError(f"{folder} holds no safetensors checkpoint ({INDEX_FILE} or {SINGLE_FILE}); "
                                 "streaming compression reads safetensors only")
 
     def total_bytes(self) -> int:
@@ -52,10 +51,10 @@ class LazyCheckpoint:
         for file, wanted in by_file.items():
             with safe_open(str(self.folder / file), framework="pt") as handle:
                 for name in wanted:
-                    tensor = handle.get_tensor(name)
+                    tensor = handle.get_tensor(name)  # memory-mapped: pages are read as they are used
                     if dtype is not None and tensor.is_floating_point():
                         tensor = tensor.to(dtype)
-                    out[name] = tensor.clone() if tensor.data_ptr() else tensor
+                    out[name] = tensor
         return out
 
 

@@ -9,6 +9,7 @@ whatever the number of blocks (:mod:`.estimate` predicts it before anything star
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import shutil
@@ -19,19 +20,21 @@ from typing import Any
 
 import torch
 
+from ..calibration.source import calibration_tokenizer
 from ..calibration.statistics import find_blocks
 from ..compression.blockwise import compress_model
 from ..compression.decisions import LayerDecision
 from ..compression.plan import (
     compression_settings,
     find_linear_layers,
-    log_plan,
     plan_from_resolved,
     protected_layers,
     resolve_plan,
 )
+from ..format.checkpoint import resolve_checkpoint
 from ..format.output_folder import atomic_folder, check_output_folder
 from ..integration.config import SVDQuantConfig
+from ..integration.recording import record_result
 from ..nn.experts import is_fused_experts
 from .estimate import MemoryEstimate, check_fits, estimate_peak
 from .journal import DiskJournal
@@ -62,16 +65,6 @@ def work_folder(outdir: str | Path) -> Path:
     return out.parent / f".{out.name}.hf_svdq-work"
 
 
-def local_folder(source: str | Path) -> Path:
-    """``source`` as a local folder: itself, or the Hub snapshot of its config, tokenizer and safetensors."""
-    path = Path(source)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-
-
 def streaming_unsupported(config: SVDQuantConfig) -> str | None:
     """Why ``config`` needs the whole model in memory (None: it streams)."""
     calibration = config.calibration
@@ -98,13 +91,13 @@ def compress_checkpoint(
     if reason is not None:
         raise StreamingUnsupported(f"cannot stream this compression: {reason}")
     check_output_folder(outdir, [source], overwrite=overwrite)
-    folder = local_folder(source)
+    folder = resolve_checkpoint(source)
     hf_config = AutoConfig.from_pretrained(folder)
     checkpoint = LazyCheckpoint.open(folder)
     if dtype is None:
         stored = getattr(hf_config, "dtype", None)
         dtype = getattr(torch, stored.removeprefix("torch.")) if isinstance(stored, str) else stored or torch.float32
-    config = SVDQuantConfig.from_dict(config.to_dict()) if not isinstance(config, SVDQuantConfig) else _copy(config)
+    config = copy.deepcopy(config)  # resolving the plan writes into it; the caller may reuse theirs
     model: Any = skeleton(hf_config, dtype)
     model.config.name_or_path = str(folder)
     prefix, modules = find_blocks(model)
@@ -137,7 +130,7 @@ def compress_checkpoint(
 
     blocks = DiskBlocks(prefix, modules, names, dtype, on_close=write)
     result = compress_model(model, settings, decisions, ids, progress, blocks, journal)
-    _record(model, config, result)
+    record_result(model, config, result)
     model.config.quantization_config = config
     model.config.architectures = [type(model).__name__]
     with atomic_folder(outdir, overwrite=overwrite) as target:
@@ -149,31 +142,10 @@ def compress_checkpoint(
     return StreamedCompression(Path(outdir), result.decisions, estimate, config)
 
 
-def _copy(config: SVDQuantConfig) -> SVDQuantConfig:
-    import copy
-
-    return copy.deepcopy(config)
-
-
-def _record(model: torch.nn.Module, config: SVDQuantConfig, result: Any) -> None:
-    """Into ``config``, what the quantizer records after an in-memory compression."""
-    from ..compression.decisions import recorded_dense, recorded_layer_bits, recorded_ranks
-    from ..integration.moe import record_coverage
-
-    config.ranks, config.dense = recorded_ranks(result.decisions), recorded_dense(result.decisions)
-    if config.bit_choices:
-        config.layer_bits = recorded_layer_bits(result.decisions, config.residual_bits)
-    config.prediction = result.prediction
-    log_plan(result.decisions)
-    record_coverage(model, config, result.decisions, result.expert_fallback)
-
-
-def _calibration_ids(model: torch.nn.Module, config: SVDQuantConfig) -> torch.Tensor | None:
+def _calibration_ids(model: Any, config: SVDQuantConfig) -> torch.Tensor | None:
     if config.calibration is None:
         return None
-    from ..integration.quantizer import _calibration_tokenizer
-
-    return config.calibration.token_ids(_calibration_tokenizer(model, config), None)
+    return config.calibration.token_ids(calibration_tokenizer(config.calibration, model.config.name_or_path), None)
 
 
 def _fingerprint(folder: Path, checkpoint: LazyCheckpoint, config: SVDQuantConfig, dtype: torch.dtype,

@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .reader import INDEX_NAME
+from ..format.checkpoint import INDEX_FILE, read_headers, tensor_nbytes
 
 
 def save_block(block: nn.Module, prefix: str, path: Path) -> None:
@@ -56,30 +55,17 @@ def write_folder(folder: Path, model: Any, block_files: Sequence[Path], rest: di
     for number, path in enumerate(block_files, start=1):
         shard = f"model-{number:05d}-of-{total:05d}.safetensors"
         shutil.move(str(path), folder / shard)
-        with safe_open(str(folder / shard), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
-                weight_map[key] = shard
-                sliced = handle.get_slice(key)
-                size += _nbytes(sliced.get_dtype(), sliced.get_shape())
+        for key, (shape, dtype) in read_headers([folder / shard]).items():
+            weight_map[key] = shard
+            size += tensor_nbytes(shape, dtype)
     shard = f"model-{total:05d}-of-{total:05d}.safetensors"
     save_file(rest, str(folder / shard), metadata={"format": "pt"})
     for key, tensor in rest.items():
         weight_map[key] = shard
         size += tensor.numel() * tensor.element_size()
     index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     model.config.save_pretrained(folder)
     generation = source / "generation_config.json"
     if generation.is_file():
         shutil.copyfile(generation, folder / "generation_config.json")
-
-
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def _nbytes(dtype: str, shape: Sequence[int]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count * _DTYPE_BYTES.get(dtype, 1)
