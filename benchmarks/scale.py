@@ -48,6 +48,7 @@ MODES = {
 
 PROFILED = {
     "GPTQ": "quantize_gptq", "GPTQ inverse Hessian": "inverse_hessian_factor", "low-rank step": "whitened_low_rank",
+    "whitening eigendecompositions": "from_gram",
     "budget spectra": "layer_curve", "round-to-nearest": "quantize_rtn", "Gram accumulation": "_accumulate",
     "block forwards": "run_block", "reading weights": "read", "writing blocks": "save_block",
     "refit of left factors": "refit_left",
@@ -157,8 +158,8 @@ def main() -> None:
                **result, "s_per_billion": result["wall_s"] / (params / 1e9),
                "peak_over_checkpoint": result["peak_rss"] / checkpoint}
         print(f"| {args.shape} | {n} | {params / 1e9:.2f}B | {mode} | {result['wall_s'] / 60:.1f} min | "
-              f"{row['s_per_billion']:.0f} | {result['peak_rss'] / 2**30:.2f} GB | {row['peak_over_checkpoint']:.2f}x | "
-              f"{result['expected_peak'] / 2**30:.2f} GB |")
+              f"{row['s_per_billion']:.0f} | {result['peak_rss'] / 1e9:.2f} GB | {row['peak_over_checkpoint']:.2f}x | "
+              f"{result['expected_peak'] / 1e9:.2f} GB |")
         print("   time split (s): " + ", ".join(f"{k} {v}" for k, v in result["split_s"].items()))
         args.results.parent.mkdir(parents=True, exist_ok=True)
         with args.results.open("a") as handle:

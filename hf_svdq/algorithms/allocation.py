@@ -22,13 +22,14 @@ from .whitening import Whitener, whitened_spectrum
 
 def relative_error_curves(
     weight: torch.Tensor, gram: torch.Tensor | None, bit_choices: Sequence[int], group_size: int | None,
-    damp: float = 0.01,
+    damp: float = 0.01, whitener: Whitener | None = None,
 ) -> dict[int, torch.Tensor]:
     """``{bits: loss}`` with ``loss[r]`` (``r = 0 .. min(out, in)``) the relative output error of the base
     quantized at ``bits`` plus a rank-``r`` correction (float64, non-increasing in ``r``)."""
     w = weight.detach().to(torch.float32)
     group = group_size or w.shape[1]
-    whitener = Whitener.from_gram(gram, damp) if gram is not None else None
+    if whitener is None and gram is not None:
+        whitener = Whitener.from_gram(gram, damp)
     importance = gram.diagonal() if gram is not None else None
     energy = (whitener.output_energy(w) if whitener is not None else float(w.to(torch.float64).pow(2).sum())) or 1.0
     curves = {}

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..algorithms.whitening import Whitener
 from ..calibration.statistics import (
     GramCollector,
     block_grams,
@@ -197,9 +198,12 @@ class _Run:
 
         def work(index: int, block: nn.Module, hidden: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
             local: dict[str, Any] = {}
-            grams, hidden = self._block_statistics(index, block, by_block[index], hidden)
-            for d in by_block[index]:
-                local[d.spec.name] = layer_curve(self.model, d, self.settings, grams.pop(d.spec.name, None))
+            groups, hidden = self._block_statistics(index, block, by_block[index], hidden)
+            for members, gram in groups:
+                whitener = self._whitener(gram)
+                for d in members:
+                    local[d.spec.name] = layer_curve(self.model, d, self.settings, gram, whitener)
+                del whitener  # before the next group's is built
             curves.update(local)
             return hidden, local
 
@@ -218,20 +222,30 @@ class _Run:
             if self.ids is not None and self.settings.sequential and targets:
                 hidden = self._sequential_block(index, block, targets, hidden)
             else:
-                grams, hidden = self._block_statistics(index, block, targets, hidden)
-                for d in sorted(targets, key=lambda d: -d.spec.numel):  # the largest first: its Gram is freed soonest
-                    self.compress(d, grams.pop(d.spec.name, None))
+                groups, hidden = self._block_statistics(index, block, targets, hidden)
+                groups.sort(key=lambda group: -max(d.spec.numel for d in group[0]))  # the largest first, freed soonest
+                while groups:
+                    members, gram = groups.pop(0)
+                    whitener = self._whitener(gram)
+                    for d in members:
+                        self.compress(d, gram, whitener)
+                    del members, gram, whitener
             names = [d.spec.name for d in targets]
             return hidden, {n: [int(self.results[n][0]), self.results[n][1], self.fallback.get(n, -1)] for n in names}
 
         self._loop(COMPRESS, work, "compressing blocks")
 
+    def _whitener(self, gram: Any) -> Whitener | None:
+        """The whitening of one group's Gram, shared by the layers that read that input (one
+        eigendecomposition for q/k/v instead of three); None for data-free layers and expert stacks."""
+        return Whitener.from_gram(gram, self.settings.damp) if isinstance(gram, torch.Tensor) else None
+
     def _block_statistics(self, index: int, block: nn.Module, targets: Sequence[LayerDecision],
-                          hidden: list[torch.Tensor]) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        """Input Grams of ``targets`` (one per shared input, the same tensor for every member of a group)
-        and the block's dense outputs, from one forward of the block."""
+                          hidden: list[torch.Tensor]) -> tuple[list[tuple[list[LayerDecision], Any]], list[torch.Tensor]]:
+        """``targets`` grouped by shared input with the group's input Gram (None when data-free), and the
+        block's dense outputs, from one forward of the block."""
         if self.ids is None:
-            return {}, hidden
+            return [([d], None) for d in targets], hidden
         assert self._kwargs is not None
         kwargs = self._kwargs[index]
         prefix = f"{self.blocks.prefix}.{index}."
@@ -251,8 +265,8 @@ class _Run:
         found = cached if cached is not None else collector.grams
         if path is not None and cached is None:
             save_grams(path, found)
-        grams = {prefix + member: found[g[0]] for g in groups for member in g}
-        return grams, outputs
+        by_local = {d.spec.name[len(prefix):]: d for d in targets}
+        return [([by_local[member] for member in g], found[g[0]]) for g in groups], outputs
 
     def _sequential_block(self, index: int, block: nn.Module, targets: Sequence[LayerDecision],
                           hidden: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -262,14 +276,15 @@ class _Run:
         prefix = f"{self.blocks.prefix}.{index}."
         by_local = {d.spec.name[len(prefix):]: d for d in targets}
         for group in input_groups(block, list(by_local), hidden[0], kwargs):
-            grams = block_grams(block, group[:1], hidden, kwargs)
+            gram = block_grams(block, group[:1], hidden, kwargs)[group[0]]
+            whitener = self._whitener(gram)
             for local in group:
-                self.compress(by_local[local], grams[group[0]])
-            del grams
+                self.compress(by_local[local], gram, whitener)
+            del gram, whitener
         with torch.no_grad():
             return [run_block(block, h, kwargs) for h in hidden]
 
-    def compress(self, d: LayerDecision, gram: Any) -> None:
+    def compress(self, d: LayerDecision, gram: Any, whitener: Whitener | None = None) -> None:
         name = d.spec.name
         if d.spec.experts:
             done = compress_stack(self.model, d, self.settings, gram)
@@ -277,7 +292,7 @@ class _Run:
             if done.rank is not None and self.ids is not None:
                 self.fallback[name] = done.fallback
             return
-        new, rank = compress_layer(self.model.get_submodule(name), d, self.settings, gram)
+        new, rank = compress_layer(self.model.get_submodule(name), d, self.settings, gram, whitener=whitener)
         self.results[name] = (new is not None, rank)
         if new is not None:
             self.model.set_submodule(name, new)

@@ -138,20 +138,22 @@ class MixedBudget:
     prediction: dict[str, Any]
 
 
-def layer_curve(model: nn.Module, d: LayerDecision, settings: CompressionSettings, gram: Any) -> Any:
+def layer_curve(model: nn.Module, d: LayerDecision, settings: CompressionSettings, gram: Any,
+                whitener: Whitener | None = None) -> Any:
     """What a global budget reads of one layer, from its weight and (calibrated) input Gram: the
     truncation spectrum (:func:`truncation_spectrum`; a stack's :func:`stack_spectrum`) for a rank
     budget, or ``{bits: relative error curve}`` for a mixed-bits budget. A few KB: computed block by
-    block while the Gram is alive, then kept until the budget is solved."""
+    block while the Gram is alive, then kept until the budget is solved. ``whitener``:
+    ``Whitener.from_gram(gram, settings.damp)`` when the caller shares one between layers."""
     if settings.bit_choices:
         if d.spec.experts:
             return stack_curves(model, d.spec.name, gram, settings.bit_choices, d.group_size, settings.damp)
         weight, _ = dense_weight_of(model.get_submodule(d.spec.name))
-        return relative_error_curves(weight, gram, settings.bit_choices, d.group_size, settings.damp)
+        return relative_error_curves(weight, gram, settings.bit_choices, d.group_size, settings.damp, whitener)
     if d.spec.experts:
         return stack_spectrum(model, d.spec.name, gram, d.bits, d.group_size, settings.damp)
     weight, _ = dense_weight_of(model.get_submodule(d.spec.name))
-    return truncation_spectrum(weight, gram, d.bits, d.group_size, settings.damp)
+    return truncation_spectrum(weight, gram, d.bits, d.group_size, settings.damp, whitener)
 
 
 def mixed_budget(model: nn.Module, targets: Sequence[LayerDecision], settings: CompressionSettings,

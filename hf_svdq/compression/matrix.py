@@ -69,10 +69,12 @@ def residual_parts(w: torch.Tensor, rank: int, base: Any, group_size: int | None
 
 
 def truncation_spectrum(weight: torch.Tensor, gram: torch.Tensor | None, bits: int | None, group_size: int | None,
-                        damp: float) -> torch.Tensor:
+                        damp: float, whitener: Whitener | None = None) -> torch.Tensor:
     """Singular values whose squared tail is the truncation loss of ``weight``: of the whitened weight
-    when calibrated (``gram``), of the ``bits``-wide round-to-nearest quantization error in residual mode."""
+    when calibrated (``gram``; ``whitener`` its :class:`Whitener` when already built), of the
+    ``bits``-wide round-to-nearest quantization error in residual mode."""
     w = weight.detach().to(torch.float32)
-    whitener = Whitener.from_gram(gram, damp) if gram is not None else None
+    if whitener is None and gram is not None:
+        whitener = Whitener.from_gram(gram, damp)
     target = w - quantize_rtn(w, bits, group_size or w.shape[1]).dequantize() if bits else w
     return spectrum(target, whitener)
