@@ -100,6 +100,7 @@ def compress_checkpoint(
     config = copy.deepcopy(config)  # resolving the plan writes into it; the caller may reuse theirs
     model: Any = skeleton(hf_config, dtype)
     model.config.name_or_path = str(folder)
+    model.config.dtype = dtype  # transformers 5.0's from_config leaves the config's own dtype; the file says ours
     prefix, modules = find_blocks(model)
     experts = [name for name, m in model.named_modules() if is_fused_experts(m)]
     if experts:
