@@ -47,8 +47,8 @@ MODES = {
 }
 
 PROFILED = {
-    "GPTQ": "quantize_gptq", "GPTQ inverse Hessian": "inverse_hessian_factor", "low-rank step": "whitened_low_rank",
-    "whitening eigendecompositions": "from_gram",
+    "GPTQ": "quantize_gptq", "Cholesky of the damped Gram": "hessian_root", "its triangular inverse (GPTQ)": "upper_inverse",
+    "low-rank step": "whitened_low_rank", "its eigendecompositions": "leading_singular", "spectra (eigenvalues)": "singular_values",
     "budget spectra": "layer_curve", "round-to-nearest": "quantize_rtn", "Gram accumulation": "_accumulate",
     "block forwards": "run_block", "reading weights": "read", "writing blocks": "save_block",
     "refit of left factors": "refit_left",

@@ -2,52 +2,87 @@
 
 With inputs ``X`` (tokens x in) and Gram ``G = X^T X``, the output error of an approximation
 ``W'`` is ``||(W - W') X^T||_F^2 = ||(W - W') S||_F^2`` for any ``S`` with ``S S^T = G``. So the best
-rank-r ``W'`` is the truncated SVD of ``W S`` mapped back by ``S^-1`` (SVD-LLM). ``S`` comes from a
-damped eigendecomposition of ``G`` (never a Cholesky), so a singular or rank-deficient ``G`` is fine.
+rank-r ``W'`` is the truncated SVD of ``W S`` mapped back by ``S^-1`` (SVD-LLM). ``S`` is the triangular
+root ``V`` of GPTQ's damped Hessian ``H = G + damp * mean(diag G) I`` (:func:`~hf_svdq.algorithms.groupquant.hessian_root`),
+so one Cholesky serves both the whitening and GPTQ, whose factor is ``V^-1``. The SVD of ``W S`` comes
+from the eigendecomposition of its smaller Gram: every singular value and the leading vectors, ~10x
+faster than LAPACK's SVD of a wide float32 matrix on CPU (2048 x 8192: 0.9 s against 9.7 s, 2 cores).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from .groupquant import hessian_root, upper_inverse
 
-@dataclass(frozen=True)
+
 class Whitener:
-    """``S = Q diag(sqrt(lam))`` and its inverse for a damped Gram ``G ~ Q diag(lam) Q^T``."""
+    """``S = V`` (upper triangular, float32) with ``V V^T = G + damp * mean(diag G) I``, and its inverse
+    (computed on first use; it is also GPTQ's inverse-Hessian factor, :attr:`inverse`)."""
 
-    basis: torch.Tensor  # Q, [in, in], float64
-    root: torch.Tensor  # sqrt(lam), [in], float64
+    def __init__(self, factor: torch.Tensor) -> None:
+        self.factor = factor
+        self._inverse: torch.Tensor | None = None
 
     @classmethod
     def from_gram(cls, gram: torch.Tensor, damp: float = 0.01) -> Whitener:
-        """Eigen-decompose ``gram`` (symmetrized; float32 eigh, 2.5x faster than float64, and the
-        floor makes its rounding of tiny eigenvalues irrelevant); eigenvalues are floored at ``damp * mean``."""
+        """Whitening for the input Gram ``gram`` (damped additively by ``damp`` times its mean diagonal)."""
         if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
             raise ValueError(f"gram must be square, got shape {tuple(gram.shape)}")
         if not 0.0 <= damp < 1.0:
             raise ValueError(f"damp must be in [0, 1), got {damp!r}")
-        g = gram.detach().to(torch.float64)
-        g = (g + g.T) / 2
-        lam, basis = torch.linalg.eigh(g.to(torch.float32))
-        lam, basis = lam.to(torch.float64), basis.to(torch.float64)
-        mean = float(lam.clamp(min=0).mean())
-        # never divide by a zero eigenvalue, even with damp=0 on a singular Gram
-        floor = max(damp * mean, 1e-10 * float(lam.max())) if mean > 0 else 1.0
-        return cls(basis, lam.clamp(min=floor).sqrt())
+        return cls(hessian_root(gram, damp))
+
+    @property
+    def inverse(self) -> torch.Tensor:
+        """``V^-1`` (upper triangular, float32): GPTQ's :func:`~hf_svdq.algorithms.groupquant.inverse_hessian_factor`."""
+        if self._inverse is None:
+            self._inverse = upper_inverse(self.factor)
+        return self._inverse
 
     def whiten(self, weight: torch.Tensor) -> torch.Tensor:
-        """``W S``: the weight in the metric where Frobenius error = output error."""
-        return (weight.to(torch.float64) @ self.basis) * self.root
+        """``W S``: the weight in the metric where Frobenius error = output error (float32, or float64 for
+        a float64 ``weight``)."""
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        return weight.to(dtype) @ self.factor.to(dtype)
 
     def unwhiten(self, right: torch.Tensor) -> torch.Tensor:
         """``R S^-1`` for a right factor ``R`` expressed in the whitened space."""
-        return (right.to(torch.float64) / self.root) @ self.basis.T
+        dtype = torch.promote_types(right.dtype, torch.float32)
+        return right.to(dtype) @ self.inverse.to(dtype)
 
     def output_energy(self, weight: torch.Tensor) -> float:
         """``||W S||_F^2``: the squared output norm of ``W`` in the damped metric."""
-        return float(self.whiten(weight).pow(2).sum())
+        return float(self.whiten(weight).to(torch.float64).pow(2).sum())
+
+
+def leading_singular(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(L, R, s)``: ``L R`` the best rank-``rank`` approximation of ``matrix`` (``L = U_r S_r^1/2``,
+    ``R = S_r^1/2 V_r^T``) and ``s`` all its singular values (descending, float64), from the
+    eigendecomposition of the smaller of ``A A^T`` and ``A^T A``, in ``matrix``'s precision (float32 at
+    least). Rounding moves the squared singular values by ``~eps * s_max^2``: in float32 that is far below
+    any truncation this library makes, and a float64 ``matrix`` gets float64 throughout."""
+    a = matrix.to(torch.promote_types(matrix.dtype, torch.float32))
+    wide = a.shape[0] <= a.shape[1]
+    lam, vectors = torch.linalg.eigh(a @ a.T if wide else a.T @ a)
+    s = lam.flip(0).clamp(min=0).sqrt()
+    top = vectors.flip(1)[:, :rank]
+    root = s[:rank].sqrt()
+    alive = root > 0
+    safe = torch.where(alive, root, torch.ones_like(root))
+    if wide:  # top = U_r, and S_r V_r^T = U_r^T A
+        left, right = top * root, (top.T @ a) / safe[:, None]
+    else:  # top = V_r, and U_r S_r = A V_r
+        left, right = (a @ top) / safe, root[:, None] * top.T
+    return left * alive, right * alive[:, None], s.to(torch.float64)
+
+
+def singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """All singular values of ``matrix`` (descending, float64), from the eigenvalues of its smaller Gram
+    (in ``matrix``'s precision, float32 at least: see :func:`leading_singular`)."""
+    a = matrix.to(torch.promote_types(matrix.dtype, torch.float32))
+    lam = torch.linalg.eigvalsh(a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a)
+    return lam.flip(0).clamp(min=0).sqrt().to(torch.float64)
 
 
 def whitened_low_rank(
@@ -58,17 +93,13 @@ def whitened_low_rank(
     m, n = weight.shape
     if not 1 <= rank <= min(m, n):
         raise ValueError(f"rank must be in [1, {min(m, n)}] for a {m}x{n} matrix, got {rank}")
-    # the whitening itself is float64; the SVD runs in float32 (4x faster, ample for truncation)
-    u, s, vh = torch.linalg.svd(whitener.whiten(weight).to(torch.float32), full_matrices=False)
-    root = s[:rank].sqrt()
-    left = u[:, :rank] * root
-    right = whitener.unwhiten(root[:, None] * vh[:rank])
-    return left.to(torch.float32), right.to(torch.float32), s.to(torch.float64)
+    left, right, s = leading_singular(whitener.whiten(weight), rank)
+    return left.to(torch.float32), whitener.unwhiten(right).to(torch.float32), s
 
 
 def whitened_spectrum(weight: torch.Tensor, whitener: Whitener) -> torch.Tensor:
     """Singular values of ``W S`` (descending, float64): their squares are output-error energies."""
-    return torch.linalg.svdvals(whitener.whiten(weight).to(torch.float32)).to(torch.float64)
+    return singular_values(whitener.whiten(weight))
 
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:

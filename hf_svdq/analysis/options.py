@@ -37,6 +37,7 @@ from ..algorithms.whitening import Whitener
 from ..calibration.statistics import dense_grams, find_blocks
 from ..compression.compress import base_quantization, compress_layer
 from ..compression.decisions import CompressionSettings, LayerDecision, layer_bytes
+from ..compression.matrix import gptq_factor
 from ..evaluation.metrics import DEFAULT_PROMPTS, tokenize_text
 from ..format.policy_file import POLICY_KEY, POLICY_VERSION, save_policy
 from ..nn.low_rank import dense_weight_of
@@ -139,7 +140,8 @@ def measure_options(
         whitener = Whitener.from_gram(gram, settings.damp) if gram is not None else None
         for bits, rank in points:
             if bits not in bases:
-                bases[bits] = base_quantization(weight, gram, bits, d.group_size, settings.residual_method, settings.damp)
+                hinv = gptq_factor(gram, settings.residual_method, settings.damp, whitener)
+                bases[bits] = base_quantization(weight, gram, bits, d.group_size, settings.residual_method, settings.damp, hinv)
             new, _ = compress_layer(module, replace(d, rank=rank, bits=bits), probe_settings, gram, bases[bits], whitener)
             if new is None:
                 continue

@@ -236,8 +236,8 @@ class _Run:
         self._loop(COMPRESS, work, "compressing blocks")
 
     def _whitener(self, gram: Any) -> Whitener | None:
-        """The whitening of one group's Gram, shared by the layers that read that input (one
-        eigendecomposition for q/k/v instead of three); None for data-free layers and expert stacks."""
+        """The whitening of one group's Gram, shared by the layers that read that input (one Cholesky for
+        q/k/v instead of three, which is also their GPTQ factor); None for data-free layers and expert stacks."""
         return Whitener.from_gram(gram, self.settings.damp) if isinstance(gram, torch.Tensor) else None
 
     def _block_statistics(self, index: int, block: nn.Module, targets: Sequence[LayerDecision],

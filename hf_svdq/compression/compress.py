@@ -54,7 +54,7 @@ def compress_layer(
         whitener = Whitener.from_gram(gram, settings.damp)
     hinv = None
     if base is None and bits is not None:
-        hinv = gptq_factor(gram, settings.residual_method, settings.damp)
+        hinv = gptq_factor(gram, settings.residual_method, settings.damp, whitener)
         base = base_quantization(w, gram, bits, decision.group_size, settings.residual_method, settings.damp, hinv)
     target = w - base.dequantize() if base is not None else w
     if rank == RANK_FROM_DATA:

@@ -90,7 +90,7 @@ def compress_stack(model: nn.Module, decision: LayerDecision, settings: Compress
     def prepared(e: int) -> tuple[torch.Tensor, Whitener | None, object, torch.Tensor | None]:
         w, gram_e = weights[e].to(torch.float32), grams[e]
         whitener = Whitener.from_gram(gram_e, settings.damp) if gram_e is not None else None
-        hinv = gptq_factor(gram_e, settings.residual_method, settings.damp) if bits is not None else None
+        hinv = gptq_factor(gram_e, settings.residual_method, settings.damp, whitener) if bits is not None else None
         base = (base_quantization(w, gram_e, bits, group, settings.residual_method, settings.damp, hinv)
                 if bits is not None else None)
         return w, whitener, base, hinv

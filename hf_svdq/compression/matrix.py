@@ -30,10 +30,14 @@ def spectrum(target: torch.Tensor, whitener: Whitener | None) -> torch.Tensor:
     return whitened_spectrum(target, whitener) if whitener is not None else torch.linalg.svdvals(target.to(torch.float64))
 
 
-def gptq_factor(gram: torch.Tensor | None, method: str | None, damp: float) -> torch.Tensor | None:
+def gptq_factor(gram: torch.Tensor | None, method: str | None, damp: float,
+                whitener: Whitener | None = None) -> torch.Tensor | None:
     """GPTQ's inverse-Hessian factor of ``gram`` when ``method`` is GPTQ (None otherwise): computed once
-    per layer and shared by its base and every refinement step."""
-    return inverse_hessian_factor(gram, damp) if gram is not None and method == "gptq" else None
+    per layer and shared by its base and every refinement step; the inverse of ``whitener``'s factor
+    when given (``Whitener.from_gram(gram, damp)``: the same Cholesky serves both)."""
+    if gram is None or method != "gptq":
+        return None
+    return whitener.inverse if whitener is not None else inverse_hessian_factor(gram, damp)
 
 
 def base_quantization(weight: torch.Tensor, gram: torch.Tensor | None, bits: int, group_size: int | None,
@@ -59,7 +63,7 @@ def residual_parts(w: torch.Tensor, rank: int, base: Any, group_size: int | None
     correction = low_rank(w - base.dequantize(), rank, gram, whitener, dtype) if rank else None
     steps = settings.refine_steps if correction is not None else 0
     if steps and hinv is None:
-        hinv = gptq_factor(gram, settings.residual_method, settings.damp)
+        hinv = gptq_factor(gram, settings.residual_method, settings.damp, whitener)
     for _ in range(steps):
         assert correction is not None
         base = base_quantization(w - correction.dequantize(), gram, base.bits, group_size, settings.residual_method,
