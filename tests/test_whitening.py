@@ -59,7 +59,7 @@ def test_whitener_validates_input():
 
 @pytest.mark.parametrize("shape", [(40, 24), (24, 40), (16, 16)])
 def test_leading_singular_matches_the_svd(shape):
-    from hf_svdq.algorithms.whitening import leading_singular, singular_values
+    from hf_svdq.algorithms.linalg import leading_singular, singular_values
 
     a = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
@@ -70,7 +70,7 @@ def test_leading_singular_matches_the_svd(shape):
 
 
 def test_leading_singular_of_a_rank_deficient_matrix_is_finite():
-    from hf_svdq.algorithms.whitening import leading_singular
+    from hf_svdq.algorithms.linalg import leading_singular
 
     a = torch.randn(30, 2, dtype=torch.float64) @ torch.randn(2, 20, dtype=torch.float64)
     left, right, spectrum = leading_singular(a, 6)  # 4 of the 6 singular values are zero

@@ -17,6 +17,7 @@ import torch
 
 from .budget import tail_loss
 from .groupquant import quantize_rtn
+from .linalg import singular_values
 from .whitening import Whitener, whitened_spectrum
 
 
@@ -35,7 +36,7 @@ def relative_error_curves(
     curves = {}
     for bits in bit_choices:
         error = w - quantize_rtn(w, bits, group, importance).dequantize()
-        spectrum = whitened_spectrum(error, whitener) if whitener is not None else torch.linalg.svdvals(error.double())
+        spectrum = whitened_spectrum(error, whitener) if whitener is not None else singular_values(error)
         # tail_loss is the tail as a share of the error's energy; rescale it to a share of the layer's
         curves[bits] = tail_loss(spectrum) * (float(spectrum.to(torch.float64).pow(2).sum()) / energy)
     return curves

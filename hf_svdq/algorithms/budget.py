@@ -18,7 +18,7 @@ def tail_loss(spectrum: torch.Tensor) -> torch.Tensor:
     power = spectrum.detach().to(torch.float64) ** 2
     total = float(power.sum()) or 1.0
     tail = torch.flip(torch.cumsum(torch.flip(power, [0]), 0), [0]) / total
-    return torch.cat([tail, torch.zeros(1, dtype=torch.float64)])
+    return torch.cat([tail, torch.zeros(1, dtype=torch.float64, device=tail.device)])
 
 
 def allocate_ranks(

@@ -134,7 +134,7 @@ def hessian_root(gram: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     if not torch.isfinite(gram).all():
         raise ValueError(f"the input Gram ({gram.shape[0]} wide) has non-finite values: the calibration activations overflowed")
     diagonal = damped_diagonal(gram, damp).flip(0)
-    info = torch.zeros((), dtype=torch.int32)
+    info = torch.zeros((), dtype=torch.int32, device=gram.device)
     jitter = 0.0
     for _attempt in range(12):
         # P H P = L L^T, so H = V V^T with V = P L P; the Cholesky runs in place (one n x n float64 copy)
@@ -173,7 +173,7 @@ def upper_inverse(v: torch.Tensor, leaf: int = 512) -> torch.Tensor:
 def _invert_into(v: torch.Tensor, out: torch.Tensor, leaf: int) -> None:
     n = v.shape[0]
     if n <= leaf:
-        out.copy_(torch.linalg.solve_triangular(v, torch.eye(n, dtype=v.dtype), upper=True))
+        out.copy_(torch.linalg.solve_triangular(v, torch.eye(n, dtype=v.dtype, device=v.device), upper=True))
         return
     half = n // 2
     _invert_into(v[:half, :half], out[:half, :half], leaf)
@@ -202,11 +202,11 @@ def quantize_gptq(
 
     groups = n // group_size
     block = group_size * max(1, block // group_size)  # every group lies inside one block
-    codes = torch.zeros(n, out, dtype=torch.uint8)
-    scales = torch.zeros(groups, out)
-    zeros = torch.zeros(groups, out)
+    codes = torch.zeros(n, out, dtype=torch.uint8, device=wt.device)  # on the weight's device (GPU too)
+    scales = torch.zeros(groups, out, device=wt.device)
+    zeros = torch.zeros(groups, out, device=wt.device)
     qmax = 2**bits - 1
-    scale = zero = torch.zeros(out)
+    scale = zero = torch.zeros(out, device=wt.device)
     for start in range(0, n, block):
         stop = min(start + block, n)
         w1 = wt[start:stop].clone()

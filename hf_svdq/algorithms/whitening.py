@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .groupquant import hessian_root, upper_inverse
+from .linalg import leading_singular, singular_values
 
 
 class Whitener:
@@ -56,35 +57,6 @@ class Whitener:
         return float(self.whiten(weight).to(torch.float64).pow(2).sum())
 
 
-def leading_singular(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(L, R, s)``: ``L R`` the best rank-``rank`` approximation of ``matrix`` (``L = U_r S_r^1/2``,
-    ``R = S_r^1/2 V_r^T``) and ``s`` all its singular values (descending, float64), from the
-    eigendecomposition of the smaller of ``A A^T`` and ``A^T A``, in ``matrix``'s precision (float32 at
-    least). Rounding moves the squared singular values by ``~eps * s_max^2``: in float32 that is far below
-    any truncation this library makes, and a float64 ``matrix`` gets float64 throughout."""
-    a = matrix.to(torch.promote_types(matrix.dtype, torch.float32))
-    wide = a.shape[0] <= a.shape[1]
-    lam, vectors = torch.linalg.eigh(a @ a.T if wide else a.T @ a)
-    s = lam.flip(0).clamp(min=0).sqrt()
-    top = vectors.flip(1)[:, :rank]
-    root = s[:rank].sqrt()
-    alive = root > 0
-    safe = torch.where(alive, root, torch.ones_like(root))
-    if wide:  # top = U_r, and S_r V_r^T = U_r^T A
-        left, right = top * root, (top.T @ a) / safe[:, None]
-    else:  # top = V_r, and U_r S_r = A V_r
-        left, right = (a @ top) / safe, root[:, None] * top.T
-    return left * alive, right * alive[:, None], s.to(torch.float64)
-
-
-def singular_values(matrix: torch.Tensor) -> torch.Tensor:
-    """All singular values of ``matrix`` (descending, float64), from the eigenvalues of its smaller Gram
-    (in ``matrix``'s precision, float32 at least: see :func:`leading_singular`)."""
-    a = matrix.to(torch.promote_types(matrix.dtype, torch.float32))
-    lam = torch.linalg.eigvalsh(a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a)
-    return lam.flip(0).clamp(min=0).sqrt().to(torch.float64)
-
-
 def whitened_low_rank(
     weight: torch.Tensor, whitener: Whitener, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,6 +87,6 @@ def refit_left(weight: torch.Tensor, right: torch.Tensor, gram: torch.Tensor, da
     r = right.to(torch.float64)
     rg = r @ g
     normal = rg @ r.T
-    normal += torch.eye(normal.shape[0], dtype=normal.dtype) * damp * float(normal.diagonal().mean().clamp(min=1e-30))
+    normal += torch.eye(normal.shape[0], dtype=normal.dtype, device=normal.device) * damp * float(normal.diagonal().mean().clamp(min=1e-30))
     rhs = weight.to(torch.float64) @ rg.T
     return torch.linalg.solve(normal, rhs.T).T.to(torch.float32)

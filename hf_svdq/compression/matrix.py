@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..algorithms.groupquant import CLIP_GRID, inverse_hessian_factor, quantize_gptq, quantize_rtn
-from ..algorithms.linalg import LowRankInt8, low_rank_int8, quantize_int8_rows
+from ..algorithms.linalg import LowRankInt8, low_rank_int8, quantize_int8_rows, singular_values
 from ..algorithms.whitening import Whitener, refit_left, whitened_low_rank, whitened_spectrum
 from .decisions import CompressionSettings
 
@@ -27,7 +27,7 @@ def low_rank(target: torch.Tensor, rank: int, gram: torch.Tensor | None, whitene
 
 
 def spectrum(target: torch.Tensor, whitener: Whitener | None) -> torch.Tensor:
-    return whitened_spectrum(target, whitener) if whitener is not None else torch.linalg.svdvals(target.to(torch.float64))
+    return whitened_spectrum(target, whitener) if whitener is not None else singular_values(target)
 
 
 def gptq_factor(gram: torch.Tensor | None, method: str | None, damp: float,
