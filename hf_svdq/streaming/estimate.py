@@ -3,9 +3,9 @@
 A block-by-block run holds at once: the model's parts outside the blocks (embeddings, final norm,
 head), one dense block and its compressed replacement, the calibration activations at one block
 boundary (inputs and outputs), the block's input Grams (float64, one per group of layers sharing an
-input) and the working copies of the largest layer being compressed (its float32 weight, GPTQ's
-inverse Hessian factor, the damped Gram, products of the low-rank step). None of it grows with the
-number of blocks.
+input) and the working copies of the largest layer being compressed (its float32 weight, the Cholesky
+factor of its damped Gram and that factor's inverse, products of the low-rank step). None of it grows
+with the number of blocks.
 """
 
 from __future__ import annotations
@@ -63,10 +63,20 @@ def estimate_peak(model: nn.Module, prefix: str, decisions: Sequence[LayerDecisi
         parts["one block's input Grams"] = max(_block_grams(targets, prefix, i) for i in blocks) if blocks else 0
     largest = max(targets, key=lambda d: d.spec.in_features * (d.spec.in_features + d.spec.out_features), default=None)
     if largest is not None:
-        m, n = largest.spec.out_features, largest.spec.in_features
-        square = n * n * 4 * (3 if ids is not None else 0)
-        parts[f"working copies ({largest.spec.name})"] = 6 * m * n * 4 + square + min(m, n) ** 2 * 4 * 2
+        parts[f"working copies ({largest.spec.name})"] = _working_bytes(largest, ids is not None)
     return MemoryEstimate(parts)
+
+
+def _working_bytes(d: LayerDecision, calibrated: bool) -> int:
+    """The largest layer's working set, the larger of its two phases: the Cholesky of its input Gram (an
+    in-place float64 copy, then the float32 factor), and its compression (the float32 factor ``V`` and
+    its inverse, the inverse's quarter-size products, float32 copies of the weight, its residual and its
+    whitened form, and the small side's Gram for the eigendecomposition)."""
+    m, n = d.spec.out_features, d.spec.in_features
+    small = min(m, n) ** 2 * 4 * 2
+    if not calibrated:
+        return 6 * m * n * 4 + small
+    return max(12 * n * n, 10 * n * n + 6 * m * n * 4 + small)
 
 
 def _block_grams(targets: Sequence[LayerDecision], prefix: str, index: str) -> int:
