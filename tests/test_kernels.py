@@ -1,4 +1,4 @@
-"""Fused CPU kernels (numba) against the pure-PyTorch reference, backend selection, and the op contract.
+"""Fused CPU kernels (numba; the compiled ones: ``test_cpp_kernels.py``) against the pure-PyTorch reference, backend selection, and the op contract.
 
 Error bounds, stated: float32 activations agree with the float32 reference within 2e-6 of the
 output's largest magnitude (only the summation order differs). bf16/fp16 activations are computed in
@@ -129,6 +129,7 @@ def test_fused_path_really_runs_and_reference_env_turns_it_off(monkeypatch):
 def test_auto_falls_back_to_the_reference_without_avx2(monkeypatch, caplog):
     monkeypatch.setenv(backend.BACKEND_ENV, "auto")
     monkeypatch.setattr(backend, "_cpu_has_avx2_fma", lambda: False)
+    monkeypatch.setattr(backend.cpp, "isa", lambda module: 0)  # the compiled kernels' scalar path only
     backend.reset()
     with caplog.at_level(logging.INFO, logger="hf_svdq"):
         chosen = backend.active()

@@ -50,13 +50,19 @@ def _decode_log_likelihood(model, ids: torch.Tensor) -> torch.Tensor:
     return torch.stack(logps)
 
 
-def test_decode_perplexity_and_greedy_tokens_match_the_reference(smollm2_int4_r24, smollm2_path, text_dir, monkeypatch):
+def _decode_setup(compressed, smollm2_path, text_dir):
+    """The compressed model, 97 tokens of *Emma* to score one at a time, and a chat prompt."""
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_int4_r24)
+    model = AutoModelForCausalLM.from_pretrained(compressed)
     ids = tokenizer((text_dir / "emma.txt").read_text()[20000:22000], return_tensors="pt").input_ids[:, :97]
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            add_generation_prompt=True, return_tensors="pt")
     prompt = prompt["input_ids"] if not isinstance(prompt, torch.Tensor) else prompt
+    return model, ids, prompt
+
+
+def test_decode_perplexity_and_greedy_tokens_match_the_reference(smollm2_int4_r24, smollm2_path, text_dir, monkeypatch):
+    model, ids, prompt = _decode_setup(smollm2_int4_r24, smollm2_path, text_dir)
     results = {}
     for choice in ("numba", "reference"):
         use(monkeypatch, choice)
@@ -83,3 +89,35 @@ def test_int8_head_keeps_decode_perplexity(smollm2_int4_r24, smollm2_path, text_
     int8_head = torch.exp(-_decode_log_likelihood(model, ids).mean())
     backend.reset()
     assert abs(int8_head / float_head - 1) < 5e-3  # measured -0.19% on 256 tokens of emma.txt
+
+
+@pytest.mark.xfail(strict=True, reason="issue 22, open: decode perplexity 1.6% above the reference (target 0.5%); "
+                   "backend.AUTO_COMPILED stays False until this passes")
+def test_compiled_kernels_keep_decode_perplexity_and_greedy_tokens(smollm2_int4_r24, smollm2_path, text_dir, monkeypatch):
+    """The compiled kernels (int8 activations) on the real model: decode perplexity within 0.5% of the reference
+    path, and greedy output over 32 tokens equal to the reference's up to a first divergence, if any, where the
+    reference's top two logits are within 0.1 (activation rounding moves logits by less than that)."""
+    from hf_svdq.kernels import cpp
+
+    if cpp.load()[0] is None:
+        pytest.skip(cpp.load()[1])
+    model, ids, prompt = _decode_setup(smollm2_int4_r24, smollm2_path, text_dir)
+    results = {}
+    for choice in ("cpp", "reference"):
+        use(monkeypatch, choice)
+        assert (backend.active().compiled is not None) == (choice == "cpp")
+        with torch.no_grad():
+            tokens = model.generate(prompt, max_new_tokens=32, do_sample=False)
+        results[choice] = (_decode_log_likelihood(model, ids), tokens[0, prompt.shape[1]:])
+    ppl = {k: float(torch.exp(-v[0].mean())) for k, v in results.items()}
+    assert abs(ppl["cpp"] / ppl["reference"] - 1) < 5e-3, ppl
+    mine, theirs = results["cpp"][1].tolist(), results["reference"][1].tolist()
+    agree = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), len(theirs))
+    if agree < len(theirs):
+        use(monkeypatch, "reference")
+        with torch.no_grad():
+            logits = model(torch.cat([prompt, torch.tensor([theirs[:agree]])], 1)).logits[0, -1]
+        margin = float(logits[theirs[agree]] - logits[mine[agree]])
+        print(f"diverged at token {agree}, reference margin {margin:.4f}")
+        assert 0 <= margin < 0.1
+    backend.reset()

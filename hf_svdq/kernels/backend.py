@@ -1,15 +1,20 @@
-"""Which forward kernels run: the fused numba CPU kernels, or the pure-PyTorch reference.
+"""Which forward kernels run: compiled integer kernels, the fused numba kernels, or the pure-PyTorch reference.
 
 ``HF_SVDQ_KERNELS`` (read once, at the first compressed forward) chooses:
 
-* ``auto`` (default): the numba kernels when numba imports and the CPU has AVX2 and FMA, else the
-  reference. On a CPU without AVX2 everything still runs, through the reference.
-* ``reference``: always the pure-PyTorch reference (:mod:`hf_svdq.kernels.reference`).
+* ``auto`` (default): the numba kernels when numba imports and the CPU has AVX2 and FMA; else the
+  reference. On a CPU without AVX2 everything still runs, through the reference. (When
+  :data:`AUTO_COMPILED` is set, the compiled kernels first; it is not yet: see there.)
+* ``cpp``: the compiled C++ kernels (:mod:`hf_svdq.kernels.cpp`: int8 activations, integer dot products,
+  PyTorch's thread pool), opt-in; an error if they cannot be built.
 * ``numba``: the numba kernels whatever the CPU (an error if numba is missing).
+* ``reference``: always the pure-PyTorch reference (:mod:`hf_svdq.kernels.reference`).
 
 The fused kernels serve inputs of at most ``HF_SVDQ_DECODE_ROWS`` rows (batch x sequence; default
 :data:`DEFAULT_DECODE_ROWS`); larger float32 inputs (prefill) are dequantized by numba and multiplied by
-PyTorch, other dtypes take the reference. One INFO line on the ``hf_svdq`` logger says which is active.
+PyTorch, other dtypes take the reference. Layers the compiled kernels cannot take (an input width or
+group size that is not a multiple of 32) take the numba kernels. One INFO line on the ``hf_svdq`` logger
+says which is active and why.
 """
 
 from __future__ import annotations
@@ -23,11 +28,18 @@ from types import ModuleType
 
 import torch
 
+from . import cpp
+from .cpp import isa_name
+
 logger = logging.getLogger("hf_svdq")
 
 BACKEND_ENV = "HF_SVDQ_KERNELS"
 ROWS_ENV = "HF_SVDQ_DECODE_ROWS"
-BACKENDS = ("auto", "reference", "numba")
+BACKENDS = ("auto", "reference", "numba", "cpp")
+AUTO_COMPILED = False
+"""Whether ``auto`` picks the compiled kernels. Not yet: with int8 activations per block of 32 their decode
+perplexity on SmolLM2 INT4 g64 + r24 is 1.6% above the reference path (48.81 vs 48.04 on 96 tokens of
+*Emma*), against the 0.5% they must keep (``tests/test_real_kernels.py``)."""
 DEFAULT_DECODE_ROWS = 4
 """Largest input (rows = batch x sequence) given to the fused residual kernels. Measured on a 1536x576
 layer, 1 thread: fused INT4 0.5-0.8 ms at 4 rows, ~1.0 ms at 8, against ~0.9 and ~1.2 ms for numba
@@ -40,12 +52,15 @@ PARALLEL_MIN_WEIGHTS = 1 << 16
 
 @dataclass(frozen=True)
 class Backend:
-    """The chosen kernels: ``module`` is :mod:`hf_svdq.kernels.numba_cpu` or ``None`` for the reference."""
+    """The chosen kernels: ``module`` is :mod:`hf_svdq.kernels.numba_cpu` or ``None``; ``compiled`` the
+    compiled extension (:mod:`hf_svdq.kernels.cpp`) or ``None``, run with instruction set ``isa``."""
 
     name: str
     module: ModuleType | None
     max_rows: int
     reason: str
+    compiled: ModuleType | None = None
+    isa: int = 0
 
 
 def _cpu_has_avx2_fma() -> bool:
@@ -76,7 +91,10 @@ def active() -> Backend:
         raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {choice!r}")
     rows = _max_rows()
     backend = _choose(choice, rows)
-    if backend.module is None:
+    if backend.compiled is not None:
+        logger.info("hf_svdq kernels: compiled integer kernels (%s) for inputs of <= %d rows, numba or reference above "
+                    "(%s; %s=numba or =reference to choose another)", isa_name(backend.isa), rows, backend.reason, BACKEND_ENV)
+    elif backend.module is None:
         logger.info("hf_svdq kernels: pure-PyTorch reference (%s)", backend.reason)
     else:
         logger.info(
@@ -89,6 +107,24 @@ def active() -> Backend:
 def _choose(choice: str, rows: int) -> Backend:
     if choice == "reference":
         return Backend("reference", None, 0, f"{BACKEND_ENV}=reference")
+    compiled, note = None, ""
+    if choice == "cpp" or (choice == "auto" and AUTO_COMPILED):
+        compiled, note = cpp.load()
+        if compiled is None and choice == "cpp":
+            raise ImportError(f"{BACKEND_ENV}=cpp but {note}")
+        if compiled is not None and choice == "auto" and cpp.isa(compiled) < cpp.ISAS["avx2"]:
+            compiled, note = None, "the compiled kernels need AVX2 to pay"
+    numba_module, numba_note = _numba(choice)
+    if compiled is not None:
+        return Backend("cpp", numba_module, rows, note, compiled, cpp.isa(compiled))
+    if numba_module is None:
+        return Backend("reference", None, 0, "; ".join(n for n in (note, numba_note) if n))
+    reason = f"{note}; {numba_note}" if note else numba_note
+    return Backend("numba", numba_module, rows, reason)
+
+
+def _numba(choice: str) -> tuple[ModuleType | None, str]:
+    """The numba kernels (also what the compiled backend uses for prefill) and a note."""
     try:
         import numba
 
@@ -96,10 +132,10 @@ def _choose(choice: str, rows: int) -> Backend:
     except ImportError as err:
         if choice == "numba":
             raise ImportError(f"{BACKEND_ENV}=numba but numba cannot be imported: {err}") from err
-        return Backend("reference", None, 0, f"numba unavailable: {err}")
+        return None, f"numba unavailable: {err}"
     if choice == "auto" and not _cpu_has_avx2_fma():
-        return Backend("reference", None, 0, "this CPU lacks AVX2/FMA; the fused kernels would not pay")
-    return Backend("numba", kernels_numba, rows, f"numba {numba.__version__}, {BACKEND_ENV}={choice}")
+        return None, "this CPU lacks AVX2/FMA; the fused kernels would not pay"
+    return kernels_numba, f"numba {numba.__version__}, {BACKEND_ENV}={choice}"
 
 
 def reset() -> None:

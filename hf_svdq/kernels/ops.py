@@ -81,7 +81,7 @@ def _rows(x: torch.Tensor) -> int:
 
 def _use_fused(x: torch.Tensor) -> backend.Backend | None:
     chosen = backend.active()
-    if chosen.module is None or x.dtype not in _FUSED_DTYPES or not 0 < _rows(x) <= chosen.max_rows:
+    if (chosen.module is None and chosen.compiled is None) or x.dtype not in _FUSED_DTYPES or not 0 < _rows(x) <= chosen.max_rows:
         return None
     return chosen
 
@@ -108,6 +108,49 @@ def _fused_residual(kernels, x, codes, scale, zero, bits, u, u_scale, vh, vh_sca
     else:
         out = backend.run_parallel(kernels.residual_forward_parallel, flat, bits, *arrays, threads)
     return _as_output(out, x)
+
+
+_FLOAT32_CACHE: dict[int, tuple[tuple, tuple[torch.Tensor | None, ...]]] = {}
+"""Per layer (as :data:`_VIEWS`): float32 contiguous copies of its small scale and bias vectors for the
+compiled kernels, rebuilt when a tensor's storage or version changes."""
+
+
+def _float32_vectors(first: torch.Tensor, vectors: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
+    key = tuple(None if t is None else (t.data_ptr(), t._version) for t in (first, *vectors))
+    cached = _FLOAT32_CACHE.get(id(first))
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    copies = tuple(None if t is None else t.detach().to(torch.float32).contiguous() for t in vectors)
+    if cached is None:
+        weakref.finalize(first, _FLOAT32_CACHE.pop, id(first), None)
+    _FLOAT32_CACHE[id(first)] = (key, copies)
+    return copies
+
+
+def _compiled_fits(in_features: int, group_size: int | None = None) -> bool:
+    """The compiled kernels take input widths (and group sizes) that are multiples of 32."""
+    return in_features % 32 == 0 and (group_size is None or group_size % 32 == 0)
+
+
+def _compiled_residual(chosen, x, codes, scale, zero, bits, u, u_scale, vh, vh_scale, bias):  # type: ignore[no-untyped-def]
+    out_features, groups, width = codes.shape
+    in_features = groups * width * 8 // bits
+    u_scale32, vh_scale32, bias32 = _float32_vectors(codes, (u_scale, vh_scale, bias))
+    flat = x.detach().reshape(-1, in_features).to(torch.float32).contiguous()
+    y = chosen.compiled.forward(flat, codes, scale, zero, bits, in_features // groups, out_features, u, u_scale32, vh,
+                                vh_scale32, bias32, chosen.isa, backend.PARALLEL_MIN_WEIGHTS)
+    y = y.view(*x.shape[:-1], out_features)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def _compiled_low_rank(chosen, x, left, left_scale, right, right_scale, bias):  # type: ignore[no-untyped-def]
+    out_features, in_features = left.shape[0], right.shape[1]
+    left_scale32, right_scale32, bias32 = _float32_vectors(left, (left_scale, right_scale, bias))
+    flat = x.detach().reshape(-1, in_features).to(torch.float32).contiguous()
+    y = chosen.compiled.forward(flat, None, None, None, 0, 0, out_features, left, left_scale32, right, right_scale32,
+                                bias32, chosen.isa, backend.PARALLEL_MIN_WEIGHTS)
+    y = y.view(*x.shape[:-1], out_features)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def _dequantize_then_gemm(kernels, x, codes, scale, zero, bits, u, u_scale, vh, vh_scale, bias):  # type: ignore[no-untyped-def]
@@ -144,6 +187,10 @@ def _low_rank_cpu(x, left, left_scale, right, right_scale, bias):  # type: ignor
     chosen = _use_fused(x)
     if chosen is None or _rows(x) > backend.LOW_RANK_FUSED_ROWS:
         return _low_rank_torch(x, left, left_scale, right, right_scale, bias)
+    if chosen.compiled is not None and _compiled_fits(right.shape[1]):
+        return _compiled_low_rank(chosen, x, left, left_scale, right, right_scale, bias)
+    if chosen.module is None:
+        return _low_rank_torch(x, left, left_scale, right, right_scale, bias)
     return _fused_low_rank(chosen.module, x, left, left_scale, right, right_scale, bias)
 
 
@@ -153,6 +200,11 @@ def _residual_cpu(x, codes, scale, zero, bits, u, u_scale, vh, vh_scale, bias): 
         kernels = backend.active().module
         if kernels is not None and x.dtype == torch.float32:
             return _dequantize_then_gemm(kernels, x, codes, scale, zero, bits, u, u_scale, vh, vh_scale, bias)
+        return residual_linear_reference(x, codes, scale, zero, bits, u, u_scale, vh, vh_scale, bias)
+    _, groups, width = codes.shape
+    if chosen.compiled is not None and _compiled_fits(groups * width * 8 // bits, width * 8 // bits):
+        return _compiled_residual(chosen, x, codes, scale, zero, bits, u, u_scale, vh, vh_scale, bias)
+    if chosen.module is None:
         return residual_linear_reference(x, codes, scale, zero, bits, u, u_scale, vh, vh_scale, bias)
     return _fused_residual(chosen.module, x, codes, scale, zero, bits, u, u_scale, vh, vh_scale, bias)
 
