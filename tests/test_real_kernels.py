@@ -91,6 +91,7 @@ def test_int8_head_keeps_decode_perplexity(smollm2_int4_r24, smollm2_path, text_
     assert abs(int8_head / float_head - 1) < 5e-3  # measured -0.19% on 256 tokens of emma.txt
 
 
+@pytest.mark.slow  # ~3 min; the issue-22 target, not yet met
 @pytest.mark.xfail(strict=True, reason="issue 22, open: decode perplexity 1.6% above the reference (target 0.5%); "
                    "backend.AUTO_COMPILED stays False until this passes")
 def test_compiled_kernels_keep_decode_perplexity_and_greedy_tokens(smollm2_int4_r24, smollm2_path, text_dir, monkeypatch):
