@@ -47,11 +47,12 @@ def token_losses(model: torch.nn.Module, ids: torch.Tensor) -> np.ndarray:
 
 
 def ratio_and_error(compressed: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """``exp(mean difference)`` and its standard error, from the means of runs of 128 tokens (neighbouring
-    tokens' losses are correlated; runs of 128 much less)."""
+    """``exp(mean difference)`` and its standard error, from the means of runs of :data:`WINDOW` tokens
+    (neighbouring tokens' losses are correlated, windows much less); a text shorter than two windows is cut
+    in two halves (the 1022-token check)."""
     diff = compressed - reference
-    usable = diff.size // 128 * 128
-    windows = diff[:usable].reshape(-1, 128).mean(1)
+    run = WINDOW if diff.size >= 2 * WINDOW else diff.size // 2
+    windows = diff[: diff.size // run * run].reshape(-1, run).mean(1)
     ratio = float(np.exp(diff.mean()))
     return ratio, ratio * float(windows.std(ddof=1) / np.sqrt(windows.size))
 

@@ -2,7 +2,8 @@
 
 Singular values and leading vectors come from the eigendecomposition of the smaller of ``A A^T`` and
 ``A^T A`` (:func:`leading_singular`): ~10x faster than LAPACK's SVD of a wide float32 matrix on CPU
-(2048 x 8192: 0.9 s against 9.7 s on 2 cores), exact up to rounding at ``eps * s_max^2``.
+(2048 x 8192, 2 EPYC cores: Gram 0.35 s + eigendecomposition 0.55 s against 9.7 s), exact up to rounding
+at ``eps * s_max^2``.
 
 Nothing here knows about transformers; every function takes and returns plain tensors.
 """
@@ -75,15 +76,22 @@ def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     return left.to(torch.float32), right.to(torch.float32)
 
 
+def _smaller_gram(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(A, G, wide)``: ``matrix`` in its precision (float32 at least) and the smaller of ``A A^T`` (wide)
+    and ``A^T A``."""
+    a = matrix.to(torch.promote_types(matrix.dtype, torch.float32))
+    wide = a.shape[0] <= a.shape[1]
+    return a, (a @ a.T if wide else a.T @ a), wide
+
+
 def leading_singular(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(L, R, s)``: ``L R`` the best rank-``rank`` approximation of ``matrix`` (``L = U_r S_r^1/2``,
     ``R = S_r^1/2 V_r^T``) and ``s`` all its singular values (descending, float64), from the
     eigendecomposition of the smaller of ``A A^T`` and ``A^T A``, in ``matrix``'s precision (float32 at
     least). Rounding moves the squared singular values by ``~eps * s_max^2``: in float32 that is far below
     any truncation this library makes, and a float64 ``matrix`` gets float64 throughout."""
-    a = matrix.to(torch.promote_types(matrix.dtype, torch.float32))
-    wide = a.shape[0] <= a.shape[1]
-    lam, vectors = torch.linalg.eigh(a @ a.T if wide else a.T @ a)
+    a, gram, wide = _smaller_gram(matrix)
+    lam, vectors = torch.linalg.eigh(gram)
     s = lam.flip(0).clamp(min=0).sqrt()
     top = vectors.flip(1)[:, :rank]
     root = s[:rank].sqrt()
@@ -99,9 +107,7 @@ def leading_singular(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
 def singular_values(matrix: torch.Tensor) -> torch.Tensor:
     """All singular values of ``matrix`` (descending, float64), from the eigenvalues of its smaller Gram
     (in ``matrix``'s precision, float32 at least: see :func:`leading_singular`)."""
-    a = matrix.to(torch.promote_types(matrix.dtype, torch.float32))
-    lam = torch.linalg.eigvalsh(a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a)
-    return lam.flip(0).clamp(min=0).sqrt().to(torch.float64)
+    return torch.linalg.eigvalsh(_smaller_gram(matrix)[1]).flip(0).clamp(min=0).sqrt().to(torch.float64)
 
 
 def low_rank_int8(

@@ -5,8 +5,7 @@ With inputs ``X`` (tokens x in) and Gram ``G = X^T X``, the output error of an a
 rank-r ``W'`` is the truncated SVD of ``W S`` mapped back by ``S^-1`` (SVD-LLM). ``S`` is the triangular
 root ``V`` of GPTQ's damped Hessian ``H = G + damp * mean(diag G) I`` (:func:`~hf_svdq.algorithms.groupquant.hessian_root`),
 so one Cholesky serves both the whitening and GPTQ, whose factor is ``V^-1``. The SVD of ``W S`` comes
-from the eigendecomposition of its smaller Gram: every singular value and the leading vectors, ~10x
-faster than LAPACK's SVD of a wide float32 matrix on CPU (2048 x 8192: 0.9 s against 9.7 s, 2 cores).
+from :func:`~hf_svdq.algorithms.linalg.leading_singular` (the eigendecomposition of its smaller Gram).
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ def _check_rank(value: object, field: str, allow_zero: bool = False) -> int:
 
 RECOMMENDED_DAMP = 0.003
 """The recommended mode's Gram damping: on SmolLM2, 2 x 32768 held-out tokens, 0.001 and 0.003 give the
-same perplexity and 0.01 (GPTQ's usual) is ~0.4% worse (README, "Reproducibility")."""
+same perplexity within noise and 0.01 (GPTQ's usual) is 0.3-0.5% worse (README, "How precise a
+perplexity ratio is")."""
 
 
 class SVDQuantConfig(QuantizationConfigMixin):

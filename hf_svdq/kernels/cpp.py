@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import os
 import time
 from pathlib import Path
 from types import ModuleType
 
 import torch
-
-logger = logging.getLogger("hf_svdq")
 
 SOURCES = Path(__file__).resolve().parent / "csrc"
 CACHE_ENV = "HF_SVDQ_KERNEL_CACHE"

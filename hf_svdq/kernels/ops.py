@@ -53,22 +53,28 @@ def _numpy(t: torch.Tensor | None, kind: str) -> np.ndarray:
     return np.ascontiguousarray(detached.numpy())
 
 
+def _per_layer(cache: dict, first: torch.Tensor, rest: tuple[torch.Tensor | None, ...], build):  # type: ignore[no-untyped-def]
+    """``build((first, *rest))`` cached on the layer's first tensor and rebuilt when any tensor's storage or
+    version changes (``load_state_dict`` copies in place); the entry goes when that tensor dies."""
+    tensors = (first, *rest)
+    key = tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
+    cached = cache.get(id(first))
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    value = build(tensors)
+    if cached is None:
+        weakref.finalize(first, cache.pop, id(first), None)
+    cache[id(first)] = (key, value)
+    return value
+
+
 def _layer_arrays(
     first: torch.Tensor, rest: tuple[torch.Tensor | None, ...], kinds: tuple[str, ...]
 ) -> tuple[np.ndarray, ...]:
-    """NumPy views of a frozen layer's tensors (float32 copies of its small scale/bias vectors), cached
-    on the first tensor and rebuilt when any tensor's storage or version changes (``load_state_dict``
-    copies in place). Caching them took a 192x576 INT4 layer call from 36 to 25 us (measured)."""
-    tensors = (first, *rest)
-    key = tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
-    cached = _VIEWS.get(id(first))
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    arrays = tuple(_numpy(t, kind) for t, kind in zip(tensors, kinds))  # views of detached tensors: no cycle
-    if cached is None:
-        weakref.finalize(first, _VIEWS.pop, id(first), None)
-    _VIEWS[id(first)] = (key, arrays)
-    return arrays
+    """NumPy views of a frozen layer's tensors (float32 copies of its small scale/bias vectors) for the numba
+    kernels. Caching them took a 192x576 INT4 layer call from 36 to 25 us (measured)."""
+    # views of detached tensors: no cycle
+    return _per_layer(_VIEWS, first, rest, lambda tensors: tuple(_numpy(t, k) for t, k in zip(tensors, kinds)))
 
 
 _RESIDUAL_KINDS = ("int", "half_bits", "int", "int", "float", "int", "float", "float")
@@ -112,19 +118,7 @@ def _fused_residual(kernels, x, codes, scale, zero, bits, u, u_scale, vh, vh_sca
 
 _FLOAT32_CACHE: dict[int, tuple[tuple, tuple[torch.Tensor | None, ...]]] = {}
 """Per layer (as :data:`_VIEWS`): float32 contiguous copies of its small scale and bias vectors for the
-compiled kernels, rebuilt when a tensor's storage or version changes."""
-
-
-def _float32_vectors(first: torch.Tensor, vectors: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
-    key = tuple(None if t is None else (t.data_ptr(), t._version) for t in (first, *vectors))
-    cached = _FLOAT32_CACHE.get(id(first))
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    copies = tuple(None if t is None else t.detach().to(torch.float32).contiguous() for t in vectors)
-    if cached is None:
-        weakref.finalize(first, _FLOAT32_CACHE.pop, id(first), None)
-    _FLOAT32_CACHE[id(first)] = (key, copies)
-    return copies
+compiled kernels."""
 
 
 def _compiled_fits(in_features: int, group_size: int | None = None) -> bool:
@@ -132,22 +126,16 @@ def _compiled_fits(in_features: int, group_size: int | None = None) -> bool:
     return in_features % 32 == 0 and (group_size is None or group_size % 32 == 0)
 
 
-def _compiled_residual(chosen, x, codes, scale, zero, bits, u, u_scale, vh, vh_scale, bias):  # type: ignore[no-untyped-def]
-    out_features, groups, width = codes.shape
-    in_features = groups * width * 8 // bits
-    u_scale32, vh_scale32, bias32 = _float32_vectors(codes, (u_scale, vh_scale, bias))
+def _compiled(chosen, x, in_features, out_features, base, u, u_scale, vh, vh_scale, bias):  # type: ignore[no-untyped-def]
+    """One compiled-kernel call: ``base`` is ``(codes, scale, zero, bits, group_size)`` for a residual
+    layer, None for a low-rank one (``u``/``vh`` its factors)."""
+    first = base[0] if base is not None else u
+    u_scale32, vh_scale32, bias32 = _per_layer(
+        _FLOAT32_CACHE, first, (u_scale, vh_scale, bias),
+        lambda tensors: tuple(None if t is None else t.detach().to(torch.float32).contiguous() for t in tensors[1:]))
+    codes, scale, zero, bits, group_size = base if base is not None else (None, None, None, 0, 0)
     flat = x.detach().reshape(-1, in_features).to(torch.float32).contiguous()
-    y = chosen.compiled.forward(flat, codes, scale, zero, bits, in_features // groups, out_features, u, u_scale32, vh,
-                                vh_scale32, bias32, chosen.isa, backend.PARALLEL_MIN_WEIGHTS)
-    y = y.view(*x.shape[:-1], out_features)
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
-
-
-def _compiled_low_rank(chosen, x, left, left_scale, right, right_scale, bias):  # type: ignore[no-untyped-def]
-    out_features, in_features = left.shape[0], right.shape[1]
-    left_scale32, right_scale32, bias32 = _float32_vectors(left, (left_scale, right_scale, bias))
-    flat = x.detach().reshape(-1, in_features).to(torch.float32).contiguous()
-    y = chosen.compiled.forward(flat, None, None, None, 0, 0, out_features, left, left_scale32, right, right_scale32,
+    y = chosen.compiled.forward(flat, codes, scale, zero, bits, group_size, out_features, u, u_scale32, vh, vh_scale32,
                                 bias32, chosen.isa, backend.PARALLEL_MIN_WEIGHTS)
     y = y.view(*x.shape[:-1], out_features)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -188,7 +176,7 @@ def _low_rank_cpu(x, left, left_scale, right, right_scale, bias):  # type: ignor
     if chosen is None or _rows(x) > backend.LOW_RANK_FUSED_ROWS:
         return _low_rank_torch(x, left, left_scale, right, right_scale, bias)
     if chosen.compiled is not None and _compiled_fits(right.shape[1]):
-        return _compiled_low_rank(chosen, x, left, left_scale, right, right_scale, bias)
+        return _compiled(chosen, x, right.shape[1], left.shape[0], None, left, left_scale, right, right_scale, bias)
     if chosen.module is None:
         return _low_rank_torch(x, left, left_scale, right, right_scale, bias)
     return _fused_low_rank(chosen.module, x, left, left_scale, right, right_scale, bias)
@@ -201,9 +189,11 @@ def _residual_cpu(x, codes, scale, zero, bits, u, u_scale, vh, vh_scale, bias): 
         if kernels is not None and x.dtype == torch.float32:
             return _dequantize_then_gemm(kernels, x, codes, scale, zero, bits, u, u_scale, vh, vh_scale, bias)
         return residual_linear_reference(x, codes, scale, zero, bits, u, u_scale, vh, vh_scale, bias)
-    _, groups, width = codes.shape
-    if chosen.compiled is not None and _compiled_fits(groups * width * 8 // bits, width * 8 // bits):
-        return _compiled_residual(chosen, x, codes, scale, zero, bits, u, u_scale, vh, vh_scale, bias)
+    out_features, groups, width = codes.shape
+    in_features, group_size = groups * width * 8 // bits, width * 8 // bits
+    if chosen.compiled is not None and _compiled_fits(in_features, group_size):
+        return _compiled(chosen, x, in_features, out_features, (codes, scale, zero, bits, group_size), u, u_scale, vh,
+                         vh_scale, bias)
     if chosen.module is None:
         return residual_linear_reference(x, codes, scale, zero, bits, u, u_scale, vh, vh_scale, bias)
     return _fused_residual(chosen.module, x, codes, scale, zero, bits, u, u_scale, vh, vh_scale, bias)
