@@ -4,8 +4,10 @@ Builds (once, cached beside the hf_svdq cache) bf16 Llama checkpoints with rando
 std 0.02; norms 1) of real dimensions and SmolLM2's tokenizer (vocab 49152, untied head):
 
 * ``1b``: Llama-3.2-1B's blocks (hidden 2048, MLP 8192, 32 heads, 8 KV heads, 16 blocks): 1.17B parameters;
+* ``mid``: a quick shape for memory checks (hidden 1024, MLP 4096, 16 heads, 4 KV heads, 24 blocks);
 * ``8b``: Llama-3.1-8B's blocks (hidden 4096, MLP 14336, 32 heads, 8 KV heads, 32 blocks); ``--blocks N``
-  builds it with N blocks only (peak memory must not grow with N).
+  builds it with N blocks only (peak memory must not grow with N; ``benchmarks/peak_by_block.py``
+  shows where it goes).
 
 Each row compresses one with :func:`hf_svdq.streaming.compress_checkpoint` (what ``hf-svdq compress``
 runs) in a fresh process, under cProfile, and reports wall time, seconds per billion parameters, peak
@@ -33,6 +35,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 SHAPES = {
+    "mid": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+            "num_key_value_heads": 4},
     "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
            "num_key_value_heads": 8},
     "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,

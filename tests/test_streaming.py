@@ -219,3 +219,26 @@ def test_a_checkpoint_missing_a_block_tensor_is_named(tmp_path):
     save_file(state, str(source / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight"):
         compress_checkpoint(source, tmp_path / "out", SVDQuantConfig(rank=4), progress=False)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_a_compression_keeps_large_temporaries_off_the_heap(tiny_checkpoint, tmp_path):
+    """After a compression, a freed 20 MB temporary goes back to the OS (glibc's default would keep it on the
+    heap once its mmap threshold has risen past 20 MB, as a compression's freed temporaries raise it)."""
+    from hf_svdq.compression import memory
+
+    compress_checkpoint(tiny_checkpoint("llama", tie=False), tmp_path / "out", SVDQuantConfig(rank=4), progress=False)
+    assert memory.bound_heap()
+
+    def anon() -> int:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssAnon"))
+        return int(line.split()[1]) * 1024
+
+    big = torch.empty(30 << 20, dtype=torch.uint8).fill_(1)  # mapped, then freed: raises glibc's default threshold
+    del big
+    before = anon()
+    temporary = torch.empty(20 << 20, dtype=torch.uint8).fill_(1)
+    pin = torch.ones(1000, dtype=torch.uint8)  # allocated after it: the temporary is not the heap's top
+    assert anon() - before > 15 << 20 and pin.sum() == 1000
+    del temporary
+    assert anon() - before < 4 << 20

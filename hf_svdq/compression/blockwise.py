@@ -43,7 +43,7 @@ from .compress import CompressionResult, budget_ranks, compress_layer, layer_cur
 from .decisions import CompressionSettings, LayerDecision
 from .experts import compress_stack
 from .fisher import output_sensitivity
-from .memory import release_free_memory
+from .memory import bound_heap, release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ def compress_model(
     block by block, calibrated on ``ids`` when given (on the outputs of the already-compressed blocks
     when ``settings.sequential``, else on the dense model's). ``blocks``: how to reach the blocks
     (default: the model's own, in memory)."""
+    bound_heap()
     if blocks is None:
         prefix, modules = find_blocks(model)
         blocks = ModelBlocks(prefix, modules)
