@@ -205,11 +205,29 @@ def test_a_failed_build_falls_back_to_numba_with_the_reason(monkeypatch, caplog)
     backend.reset()
 
 
-def test_auto_keeps_the_numba_kernels_until_the_compiled_ones_hold_perplexity(monkeypatch):
+def test_auto_uses_the_compiled_kernels_where_they_build(monkeypatch):
+    module = _module()
     monkeypatch.setenv(backend.BACKEND_ENV, "auto")
+    monkeypatch.delenv(cpp.ISA_ENV, raising=False)
     backend.reset()
-    assert not backend.AUTO_COMPILED and backend.active().compiled is None
+    chosen = backend.active()
+    assert backend.AUTO_COMPILED and chosen.name == "cpp" and chosen.compiled is module
     backend.reset()
+
+
+def test_the_compiled_path_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv(cpp.DISABLE_ENV, "0")
+    cpp.load.cache_clear()
+    try:
+        module, why = cpp.load()
+        assert module is None and f"{cpp.DISABLE_ENV}=0" in why
+        monkeypatch.setenv(backend.BACKEND_ENV, "auto")
+        backend.reset()
+        assert backend.active().compiled is None
+    finally:
+        monkeypatch.delenv(cpp.DISABLE_ENV)
+        cpp.load.cache_clear()
+        backend.reset()
 
 
 def test_bad_isa_value_is_a_clear_error(monkeypatch):
@@ -220,10 +238,11 @@ def test_bad_isa_value_is_a_clear_error(monkeypatch):
 
 
 def test_no_float_weight_is_kept(compiled):
-    layer = residual_layer(1536, 576, 4, 64, 3, bias=True)
-    with torch.no_grad():
-        layer(torch.randn(1, 576))
+    """The compiled path reads the layer's codes in place and keeps nothing per layer (no float copies)."""
     from hf_svdq.kernels import ops
 
-    cached = [t for _, tensors in ops._FLOAT32_CACHE.values() for t in tensors if t is not None]
-    assert cached and all(t.dim() == 1 for t in cached)  # scale and bias vectors only: the codes are read in place
+    layer = residual_layer(1536, 576, 4, 64, 3, bias=True)
+    before = len(ops._VIEWS)
+    with torch.no_grad():
+        layer(torch.randn(1, 576))
+    assert len(ops._VIEWS) == before

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import time
 from pathlib import Path
@@ -23,8 +24,12 @@ from types import ModuleType
 
 import torch
 
+logger = logging.getLogger("hf_svdq")
 SOURCES = Path(__file__).resolve().parent / "csrc"
 CACHE_ENV = "HF_SVDQ_KERNEL_CACHE"
+DISABLE_ENV = "HF_SVDQ_COMPILED"
+"""``HF_SVDQ_COMPILED=0`` disables the compiled kernels, as on a machine without a compiler (CI runs the kernel
+tests both ways)."""
 ISA_ENV = "HF_SVDQ_ISA"
 ISAS = {"scalar": 0, "avx2": 1, "avxvnni": 2, "avx512vnni": 3}
 """Instruction-set variants in the library, by the number the C++ side uses."""
@@ -42,8 +47,12 @@ def load() -> tuple[ModuleType | None, str]:
     """The compiled module (None when it cannot be built) and a sentence saying what happened."""
     from torch.utils import cpp_extension
 
+    if os.environ.get(DISABLE_ENV, "").strip() == "0":
+        return None, f"the compiled kernels are disabled ({DISABLE_ENV}=0)"
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
+    if not any(folder.glob("hf_svdq_cpu*.so")):
+        logger.info("hf_svdq: building the compiled decode kernels once into %s (about 25 s of one core)", folder)
     start = time.perf_counter()
     try:
         module = cpp_extension.load(

@@ -116,28 +116,21 @@ def _fused_residual(kernels, x, codes, scale, zero, bits, u, u_scale, vh, vh_sca
     return _as_output(out, x)
 
 
-_FLOAT32_CACHE: dict[int, tuple[tuple, tuple[torch.Tensor | None, ...]]] = {}
-"""Per layer (as :data:`_VIEWS`): float32 contiguous copies of its small scale and bias vectors for the
-compiled kernels."""
-
-
 def _compiled_fits(in_features: int, group_size: int | None = None) -> bool:
     """The compiled kernels take input widths (and group sizes) that are multiples of 32."""
     return in_features % 32 == 0 and (group_size is None or group_size % 32 == 0)
 
 
-def _compiled(chosen, x, in_features, out_features, base, u, u_scale, vh, vh_scale, bias):  # type: ignore[no-untyped-def]
+def _compiled(chosen, x, out_features, base, u, u_scale, vh, vh_scale, bias):  # type: ignore[no-untyped-def]
     """One compiled-kernel call: ``base`` is ``(codes, scale, zero, bits, group_size)`` for a residual
-    layer, None for a low-rank one (``u``/``vh`` its factors)."""
-    first = base[0] if base is not None else u
-    u_scale32, vh_scale32, bias32 = _per_layer(
-        _FLOAT32_CACHE, first, (u_scale, vh_scale, bias),
-        lambda tensors: tuple(None if t is None else t.detach().to(torch.float32).contiguous() for t in tensors[1:]))
+    layer, None for a low-rank one (``u``/``vh`` its factors). The kernels take ``[..., in]`` float32 and
+    convert small scale and bias vectors themselves: nothing else to prepare per call."""
     codes, scale, zero, bits, group_size = base if base is not None else (None, None, None, 0, 0)
-    flat = x.detach().reshape(-1, in_features).to(torch.float32).contiguous()
-    y = chosen.compiled.forward(flat, codes, scale, zero, bits, group_size, out_features, u, u_scale32, vh, vh_scale32,
-                                bias32, chosen.isa, backend.PARALLEL_MIN_WEIGHTS)
-    y = y.view(*x.shape[:-1], out_features)
+    flat = x.detach()
+    if flat.dtype != torch.float32 or not flat.is_contiguous():
+        flat = flat.to(torch.float32).contiguous()
+    y = chosen.compiled.forward(flat, codes, scale, zero, bits, group_size, out_features, u, u_scale, vh, vh_scale,
+                                bias, chosen.isa, backend.PARALLEL_MIN_WEIGHTS)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
@@ -176,7 +169,7 @@ def _low_rank_cpu(x, left, left_scale, right, right_scale, bias):  # type: ignor
     if chosen is None or _rows(x) > backend.LOW_RANK_FUSED_ROWS:
         return _low_rank_torch(x, left, left_scale, right, right_scale, bias)
     if chosen.compiled is not None and _compiled_fits(right.shape[1]):
-        return _compiled(chosen, x, right.shape[1], left.shape[0], None, left, left_scale, right, right_scale, bias)
+        return _compiled(chosen, x, left.shape[0], None, left, left_scale, right, right_scale, bias)
     if chosen.module is None:
         return _low_rank_torch(x, left, left_scale, right, right_scale, bias)
     return _fused_low_rank(chosen.module, x, left, left_scale, right, right_scale, bias)
@@ -192,8 +185,7 @@ def _residual_cpu(x, codes, scale, zero, bits, u, u_scale, vh, vh_scale, bias): 
     out_features, groups, width = codes.shape
     in_features, group_size = groups * width * 8 // bits, width * 8 // bits
     if chosen.compiled is not None and _compiled_fits(in_features, group_size):
-        return _compiled(chosen, x, in_features, out_features, (codes, scale, zero, bits, group_size), u, u_scale, vh,
-                         vh_scale, bias)
+        return _compiled(chosen, x, out_features, (codes, scale, zero, bits, group_size), u, u_scale, vh, vh_scale, bias)
     if chosen.module is None:
         return residual_linear_reference(x, codes, scale, zero, bits, u, u_scale, vh, vh_scale, bias)
     return _fused_residual(chosen.module, x, codes, scale, zero, bits, u, u_scale, vh, vh_scale, bias)

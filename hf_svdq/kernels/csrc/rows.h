@@ -43,63 +43,79 @@ static inline float half_to_float(uint16_t h) {
 }
 #endif
 
-// One output row of the group-quantized base for one input row. `codes`: the row's packed codes
-// (INT4: two per byte, element 2j in the low nibble of byte j; INT8: one per byte).
-static float base_row(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int groups, int group_size,
-                      int bits, const int8_t* xq, const float* xd, const float* xsum) {
+// R consecutive output rows of the group-quantized base for one input row, into y[0..R). `codes`: the
+// first row's packed codes (INT4: two per byte, element 2j in the low nibble of byte j; INT8: one per
+// byte), rows `codes_per_row` bytes apart; `xq4`: the activation codes in the INT4 codes' order (per block
+// of 32: the even elements, then the odd ones), used for INT4; `scale`, `zero`: the first row's, rows `groups` apart. Several
+// rows at once share each activation load and give the FMA chains independent accumulators.
+template <int R, int bits>
+static inline void base_rows(const uint8_t* codes, int64_t codes_per_row, const uint16_t* scale, const uint8_t* zero,
+                             int groups, int group_size, const int8_t* xq, const int8_t* xq4, const float* xd,
+                             const float* xsum, float* y) {
   const int blocks_per_group = group_size / 32;
-  float offset = 0.f;
+  float offset[R];
+  for (int r = 0; r < R; ++r) offset[r] = 0.f;
 #if SVDQ_AVX2
-  __m256 total = _mm256_setzero_ps();
-  const __m128i low = _mm_set1_epi8(0x0F);
+  __m256 total[R];
+  for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F), nibble_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
   for (int g = 0; g < groups; ++g) {
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int b = 0; b < blocks_per_group; ++b) {
       const int block = g * blocks_per_group + b;
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + block * 32));
-      __m256i sums;
-      if (bits == 4) {
-        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + block * 16));
-        const __m128i lo = _mm_and_si128(packed, low), hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
-        sums = dot_us(_mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi)), x);
-      } else {
-        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + block * 32));
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>((bits == 4 ? xq4 : xq) + block * 32));
+      const __m256 d = _mm256_set1_ps(xd[block]);
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* row = codes + r * codes_per_row;
+        __m256i sums;
+        if constexpr (bits == 4) {  // low nibbles (even elements) in the low lane, high nibbles in the high lane: x4's order
+          const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + block * 16)));
+          sums = dot_us(_mm256_and_si256(_mm256_srlv_epi32(packed, nibble_shift), low), x);
+        } else {
+          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + block * 32));
 #if SVDQ_VNNI
-        sums = dot_us(w, x);  // dpbusd does not saturate: codes 0..255 as they are
+          sums = dot_us(w, x);  // dpbusd does not saturate: codes 0..255 as they are
 #else
-        sums = dot_ss(_mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80))), x);  // codes - 128
+          sums = dot_ss(_mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80))), x);  // codes - 128
 #endif
+        }
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[r]);
       }
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(xd[block]), acc);
     }
-    const float s = half_to_float(scale[g]);
-    total = _mm256_fmadd_ps(acc, _mm256_set1_ps(s), total);
+    for (int r = 0; r < R; ++r) {
+      const float s = half_to_float(scale[r * groups + g]);
+      total[r] = _mm256_fmadd_ps(acc[r], _mm256_set1_ps(s), total[r]);
 #if SVDQ_VNNI
-    offset += s * static_cast<float>(zero[g]) * xsum[g];
+      offset[r] += s * static_cast<float>(zero[r * groups + g]) * xsum[g];
 #else
-    offset += s * static_cast<float>(bits == 8 ? static_cast<int>(zero[g]) - 128 : zero[g]) * xsum[g];
+      offset[r] += s * static_cast<float>(bits == 8 ? static_cast<int>(zero[r * groups + g]) - 128 : zero[r * groups + g]) * xsum[g];
 #endif
-  }
-  return hsum(total) - offset;
-#else
-  float total = 0.f;
-  for (int g = 0; g < groups; ++g) {
-    float acc = 0.f;
-    for (int b = 0; b < blocks_per_group; ++b) {
-      const int block = g * blocks_per_group + b;
-      int32_t sum = 0;
-      for (int k = 0; k < 32; ++k) {
-        const int element = block * 32 + k;
-        const int q = bits == 4 ? ((codes[element / 2] >> ((element & 1) * 4)) & 15) : codes[element];
-        sum += q * xq[element];
-      }
-      acc += static_cast<float>(sum) * xd[block];
     }
-    const float s = half_to_float(scale[g]);
-    total += s * acc;
-    offset += s * static_cast<float>(zero[g]) * xsum[g];
   }
-  return total - offset;
+  for (int r = 0; r < R; ++r) y[r] = hsum(total[r]) - offset[r];
+#else
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* row = codes + r * codes_per_row;
+    float total = 0.f;
+    for (int g = 0; g < groups; ++g) {
+      float acc = 0.f;
+      for (int b = 0; b < blocks_per_group; ++b) {
+        const int block = g * blocks_per_group + b;
+        int32_t sum = 0;
+        for (int k = 0; k < 32; ++k) {
+          const int element = block * 32 + k;
+          const int q = bits == 4 ? ((row[element / 2] >> ((element & 1) * 4)) & 15) : row[element];
+          sum += q * xq[element];
+        }
+        acc += static_cast<float>(sum) * xd[block];
+      }
+      const float s = half_to_float(scale[r * groups + g]);
+      total += s * acc;
+      offset[r] += s * static_cast<float>(zero[r * groups + g]) * xsum[g];
+    }
+    y[r] = total - offset[r];
+  }
 #endif
 }
 
@@ -140,20 +156,45 @@ static float mixed_dot(const int8_t* u, const float* t, int r) {
   return acc;
 }
 
-// Output rows [begin, end) of a residual layer (rank 0: no correction) for `rows` input rows.
+// n <= R consecutive output rows: R at once when n == R, else one by one.
+template <int R, int bits>
+static inline void base_group(const uint8_t* codes, int64_t codes_per_row, const uint16_t* scale, const uint8_t* zero,
+                              const Job& job, int n, const int8_t* xq, const int8_t* xq4, const float* xd,
+                              const float* xsum, float* y) {
+  if (n == R) {
+    base_rows<R, bits>(codes, codes_per_row, scale, zero, job.groups, job.group_size, xq, xq4, xd, xsum, y);
+    return;
+  }
+  for (int r = 0; r < n; ++r)
+    base_rows<1, bits>(codes + r * codes_per_row, codes_per_row, scale + r * job.groups, zero + r * job.groups,
+                       job.groups, job.group_size, xq, xq4, xd, xsum, y + r);
+}
+
+// Output rows [begin, end) of a residual layer (rank 0: no correction) for `rows` input rows, 4 at a time.
 static void residual_range(const Job& job, int64_t begin, int64_t end) {
   const int64_t codes_per_row = static_cast<int64_t>(job.groups) * job.group_size * job.bits / 8;
-  for (int64_t o = begin; o < end; ++o) {
-    const uint8_t* codes = job.codes + o * codes_per_row;
-    const uint16_t* scale = job.scale + o * job.groups;
-    const uint8_t* zero = job.zero + o * job.groups;
+  constexpr int R = 4;
+  for (int64_t o = begin; o < end; o += R) {
+    const int n = static_cast<int>(std::min<int64_t>(R, end - o));
+    const uint8_t* codes = job.codes ? job.codes + o * codes_per_row : nullptr;
+    const uint16_t* scale = job.codes ? job.scale + o * job.groups : nullptr;
+    const uint8_t* zero = job.codes ? job.zero + o * job.groups : nullptr;
     for (int m = 0; m < job.rows; ++m) {
-      float y = job.codes ? base_row(codes, scale, zero, job.groups, job.group_size, job.bits, job.xq + m * job.in,
-                                     job.xd + m * (job.in / 32), job.xsum + m * job.groups)
-                          : 0.f;
-      if (job.rank) y += job.u_scale[o] * mixed_dot(job.u + o * job.rank, job.t + m * job.rank, job.rank);
-      if (job.bias) y += job.bias[o];
-      job.out[m * job.out_features + o] = y;
+      float y[R] = {0.f, 0.f, 0.f, 0.f};
+      if (job.codes) {
+        const int8_t* xq = job.xq + static_cast<int64_t>(m) * job.in;
+        const int8_t* xq4 = job.xq4 + static_cast<int64_t>(m) * job.in;
+        const float* xd = job.xd + static_cast<int64_t>(m) * (job.in / 32);
+        const float* xsum = job.xsum + static_cast<int64_t>(m) * job.groups;
+        if (job.bits == 4) base_group<R, 4>(codes, codes_per_row, scale, zero, job, n, xq, xq4, xd, xsum, y);
+        else base_group<R, 8>(codes, codes_per_row, scale, zero, job, n, xq, xq4, xd, xsum, y);
+      }
+      for (int r = 0; r < n; ++r) {
+        float value = y[r];
+        if (job.rank) value += job.u_scale[o + r] * mixed_dot(job.u + (o + r) * job.rank, job.t + m * job.rank, job.rank);
+        if (job.bias) value += job.bias[o + r];
+        job.out[static_cast<int64_t>(m) * job.out_features + o + r] = value;
+      }
     }
   }
 }

@@ -14,12 +14,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
 struct Job {
   int rows = 0, in = 0, out_features = 0, bits = 0, groups = 0, group_size = 0, rank = 0;
   const int8_t* xq = nullptr;     // [rows, in] activation codes
+  const int8_t* xq4 = nullptr;    // [rows, in] the same, per block of 32 the even elements then the odd ones
   const float* xd = nullptr;      // [rows, in / 32] activation block scales
   const float* xsum = nullptr;    // [rows, groups] group sums of the rounded activations
   const uint8_t* codes = nullptr; // [out, in * bits / 8] base codes (null: a low-rank layer)
@@ -118,7 +120,10 @@ int64_t best_isa() {
 // x [rows, in] float32 -> codes, block scales and (for a base) group sums of the ROUNDED activations
 // (as ggml's Q8_1 keeps d * sum(q)): the zero-point term then meets the same activations as the codes, so
 // the result is the layer applied to the rounded input, with no error amplified by the zero point.
-void quantize_activations(const float* x, int rows, int in, int group_size, int8_t* xq, float* xd, float* xsum) {
+// `xq4` (if not null) gets the codes in the order the INT4 kernels unpack nibbles: per block, elements 0, 2, .., 30
+// (the low nibbles) then 1, 3, .., 31 (the high ones).
+void quantize_activations(const float* x, int rows, int in, int group_size, int8_t* xq, int8_t* xq4, float* xd,
+                          float* xsum) {
   const int blocks = in / 32;
   const int blocks_per_group = group_size > 0 ? group_size / 32 : 0;
   for (int m = 0; m < rows; ++m) {
@@ -135,6 +140,7 @@ void quantize_activations(const float* x, int rows, int in, int group_size, int8
       for (int k = 0; k < 32; ++k) {
         const int8_t q = static_cast<int8_t>(std::nearbyint(row[b * 32 + k] * id));
         codes[b * 32 + k] = q;
+        if (xq4) xq4[static_cast<int64_t>(m) * in + b * 32 + (k & 1) * 16 + k / 2] = q;
         sum += q;
       }
       if (blocks_per_group) {
@@ -160,24 +166,34 @@ void run(Range range, const Job& job, int64_t n, int64_t weights, int64_t min_pa
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { range(job, begin, end); });
 }
 
-const float* float_ptr(const c10::optional<at::Tensor>& t, const char* name, int64_t expected) {
+// A small float vector as float32 (converted when stored in another dtype), kept alive in `keep`.
+const float* float_ptr(const c10::optional<at::Tensor>& t, const char* name, int64_t expected, at::Tensor& keep) {
   if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == expected,
-              name, " must be a contiguous float32 tensor of ", expected, " elements");
-  return t->data_ptr<float>();
+  TORCH_CHECK(t->is_floating_point() && t->numel() == expected, name, " must be a float tensor of ", expected, " elements");
+  keep = t->to(at::kFloat).contiguous();
+  return keep.data_ptr<float>();
 }
 
-// y = x (Q + L R)^T + bias (codes given) or x (L R)^T + bias (codes absent), float32 [rows, out].
+// Per-thread scratch for the quantized activations (grown, never shrunk): no allocation per call.
+template <typename T>
+T* scratch(std::vector<T>& buffer, int64_t n) {
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(static_cast<size_t>(n));
+  return buffer.data();
+}
+
+// y = x (Q + L R)^T + bias (codes given) or x (L R)^T + bias (codes absent): x float32 [..., in] -> [..., out].
 at::Tensor forward(const at::Tensor& x, const c10::optional<at::Tensor>& codes, const c10::optional<at::Tensor>& scale,
                    const c10::optional<at::Tensor>& zero, int64_t bits, int64_t group_size, int64_t out_features,
                    const c10::optional<at::Tensor>& u, const c10::optional<at::Tensor>& u_scale,
                    const c10::optional<at::Tensor>& vh, const c10::optional<at::Tensor>& vh_scale,
                    const c10::optional<at::Tensor>& bias, int64_t isa, int64_t min_parallel) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 [rows, in]");
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 [..., in]");
   TORCH_CHECK(supports(isa), "this CPU does not support instruction set ", isa);
-  const int rows = static_cast<int>(x.size(0)), in = static_cast<int>(x.size(1));
+  const int in = static_cast<int>(x.size(-1));
+  const int rows = in ? static_cast<int>(x.numel() / in) : 0;
   TORCH_CHECK(in % 32 == 0, "the input width must be a multiple of 32, got ", in);
   Job job;
+  at::Tensor keep_u_scale, keep_vh_scale, keep_bias;
   job.rows = rows;
   job.in = in;
   job.out_features = static_cast<int>(out_features);
@@ -204,26 +220,28 @@ at::Tensor forward(const at::Tensor& x, const c10::optional<at::Tensor>& codes, 
     job.rank = static_cast<int>(vh->size(0));
     job.u = u->data_ptr<int8_t>();
     job.vh = vh->data_ptr<int8_t>();
-    job.u_scale = float_ptr(u_scale, "u_scale", out_features);
-    job.vh_scale = float_ptr(vh_scale, "vh_scale", job.rank);
+    job.u_scale = float_ptr(u_scale, "u_scale", out_features, keep_u_scale);
+    job.vh_scale = float_ptr(vh_scale, "vh_scale", job.rank, keep_vh_scale);
     TORCH_CHECK(job.u_scale && job.vh_scale, "u_scale and vh_scale are required with u and vh");
   }
   TORCH_CHECK(job.codes || job.rank, "neither a base nor a low-rank part was given");
-  job.bias = float_ptr(bias, "bias", out_features);
+  job.bias = float_ptr(bias, "bias", out_features, keep_bias);
 
-  auto opts = x.options();
-  at::Tensor xq = at::empty({rows, in}, opts.dtype(at::kChar));
-  at::Tensor xd = at::empty({rows, in / 32}, opts);
-  at::Tensor xsum = at::empty({rows, std::max(job.groups, 1)}, opts);
-  at::Tensor t = at::empty({rows, std::max(job.rank, 1)}, opts);
-  at::Tensor out = at::empty({rows, out_features}, opts);
-  quantize_activations(x.data_ptr<float>(), rows, in, job.group_size, xq.data_ptr<int8_t>(), xd.data_ptr<float>(),
-                       xsum.data_ptr<float>());
-  job.xq = xq.data_ptr<int8_t>();
-  job.xd = xd.data_ptr<float>();
-  job.xsum = xsum.data_ptr<float>();
-  job.t = t.data_ptr<float>();
+  thread_local std::vector<int8_t> xq, xq4;
+  thread_local std::vector<float> xd, xsum, t;
+  const int64_t n = static_cast<int64_t>(rows) * in;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  at::Tensor out = at::empty(shape, x.options());
+  job.xq = scratch(xq, n);
+  job.xq4 = job.bits == 4 ? scratch(xq4, n) : job.xq;
+  job.xd = scratch(xd, n / 32);
+  job.xsum = scratch(xsum, static_cast<int64_t>(rows) * std::max(job.groups, 1));
+  job.t = scratch(t, static_cast<int64_t>(rows) * std::max(job.rank, 1));
   job.out = out.data_ptr<float>();
+  quantize_activations(x.data_ptr<float>(), rows, in, job.group_size, const_cast<int8_t*>(job.xq),
+                       job.bits == 4 ? const_cast<int8_t*>(job.xq4) : nullptr, const_cast<float*>(job.xd),
+                       const_cast<float*>(job.xsum));
   const Kernels k = kernels_for(isa);
   if (job.rank) run(k.hidden, job, job.rank, static_cast<int64_t>(job.rank) * in, min_parallel);
   const int64_t weights = out_features * static_cast<int64_t>(in) * (job.codes ? 1 : 0) + out_features * job.rank;
