@@ -65,7 +65,7 @@ def compressed_row(name: str, source: Path, tokens: int, results: Path) -> None:
     coverage = qc["coverage"] if isinstance(qc, dict) else qc.coverage
     emit({"benchmark": "upcycled_moe", "row": name, "source": source.name, "cpu": cpu(), "heldout_tokens": tokens,
           "perplexity": check.perplexity, "dense_perplexity": check.dense_perplexity, "ratio": check.perplexity_ratio,
-          "loop": check.loops, "healthy": check.healthy, "answer": check.answer[:120],
+          "loop": check.answers[0].loops, "healthy": check.healthy, "answer": check.answers[0].answer[:120],
           "bits_per_weight_compressed": report.bits_per_weight_compressed(),
           "coverage_share": coverage.get("share_of_non_embedding") if coverage else None,
           "experts_data_free": (coverage or {}).get("experts_calibrated_data_free"), "load_and_compress_s": seconds},

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from hf_svdq import cli
+from hf_svdq.evaluation.check import CANDIDATE_PROMPTS
 from hf_svdq.evaluation.degeneration import detect_loop, units
 
 pytestmark = pytest.mark.real
@@ -17,16 +18,21 @@ def test_recommended_mode_answers_sensibly(smollm2_path, tmp_path, capsys):
     assert cli.main(["compress", "@smollm2", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     check = result["check"]
-    assert check["prompt"] == "What is the capital of France?"
-    assert "Paris" in check["dense_answer"], check
-    # the verdict is what the loop detector and the perplexity ratio say, nothing else
-    loops = detect_loop(units(check["answer"])) is not None
-    assert check["loops"] == loops
+    # the prompts: the 3 candidates SmolLM2 is surest of (first-token margins measured 4.19, 4.05, 3.26 nats:
+    # gold, the largest ocean, the largest planet), not France (0.08: "The" vs "L" is a near tie)
+    answers = check["answers"]
+    assert check["prompts_picked"] and len(answers) == 3
+    margins = [a["margin"] for a in answers]
+    assert margins == sorted(margins, reverse=True) and margins[-1] > 2.0, margins
+    assert all(a["prompt"] in CANDIDATE_PROMPTS and a["prompt"] != "What is the capital of France?" for a in answers)
+    for a in answers:
+        assert a["key_words"], a  # every dense answer has something to keep
+        assert a["loops"] == (detect_loop(units(a["answer"])) is not None)
     assert 1.0 < check["perplexity_ratio"] <= 1.10, check
-    assert check["healthy"] == (not loops or check["dense_loops"]), check
-    # Not asserted: that the compressed answer names Paris. The dense model's first token is a near tie
-    # ("The" -1.88 vs "L" -1.97 nats), and of two identical compressions one answered "The capital of
-    # France is Paris." and the other "L'Etoile, la Marseillaise, la Cite, ..." (README, issue 10 note).
+    # on prompts that are not near ties, the compressed model keeps the dense answers' content
+    assert check["content_kept"] == 3, answers
+    new_loops = sum(a["loops"] and not a["dense_loops"] for a in answers)
+    assert check["healthy"] == (new_loops == 0 and check["content_kept"] >= 2 and check["perplexity_ratio"] <= 1.10)
     assert check["heldout_text"] == "emma_heldout.txt" and check["heldout_tokens"] >= 1000
     assert 4.9 <= result["bits_per_weight_compressed_layers"] <= 5.05
     saved = json.loads((out / "config.json").read_text())["quantization_config"]

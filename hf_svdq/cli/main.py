@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from ..compression.decisions import RESIDUAL_METHODS
-from ..evaluation.check import DEFAULT_PROMPT
 from ..real_model import SMOLLM2_ALIAS
 from . import analyze as cli_analyze
 from . import export as cli_export
@@ -67,8 +66,9 @@ def _add_compress(sub: Any) -> None:
     compress.add_argument("--dtype", choices=_DTYPES, default="auto", help="load (and compute) dtype")
     compress.add_argument("--int8-head", action="store_true",
                           help="decode with an in-memory INT8 copy of the output head (stored as is; see README)")
-    compress.add_argument("--prompt", default=DEFAULT_PROMPT,
-                          help="afterwards, answer this with the dense and the compressed model side by side")
+    compress.add_argument("--prompt", action="append", default=None,
+                          help="afterwards, answer this with the dense and the compressed model side by side (repeatable; "
+                               "default: the 3 of a fixed set of questions the dense model answers most surely)")
     compress.add_argument("--no-check", action="store_true",
                           help="skip the check after saving (answers side by side, held-out perplexity, loop detector)")
     compress.add_argument("--max-new-tokens", type=int, default=64, help="answer length in the check")
