@@ -23,6 +23,18 @@ pytestmark = [pytest.mark.real, pytest.mark.slow]
 PROMPTS = ("The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):")
 
 
+@pytest.fixture(autouse=True)
+def _float_activation_kernels(monkeypatch):
+    """Ours on the numba kernels (float activations): the greedy-tie check reads our logits from a prefill
+    forward, which must be the same arithmetic as our decode (the compiled kernels round activations)."""
+    from hf_svdq.kernels import backend
+
+    monkeypatch.setenv(backend.BACKEND_ENV, "numba")
+    backend.reset()
+    yield
+    backend.reset()
+
+
 @pytest.fixture(scope="module")
 def engines(smollm2_int4_r24, smollm2_path, text_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf")

@@ -91,7 +91,7 @@ def test_int8_head_keeps_decode_perplexity(smollm2_int4_r24, smollm2_path, text_
     assert abs(int8_head / float_head - 1) < 5e-3  # measured -0.19% on 256 tokens of emma.txt
 
 
-@pytest.mark.slow  # ~1 min
+@pytest.mark.slow  # ~30 s; CI runs it with the other slow checks
 def test_compiled_kernels_keep_perplexity_and_greedy_tokens(smollm2_int4_r24, smollm2_path, text_dir, monkeypatch):
     """The compiled kernels (int8 activations per block of 32) on the real model: perplexity over 1,024 held-out
     tokens within 0.5% of the reference path (every row through the kernels: ``HF_SVDQ_DECODE_ROWS`` raised, so
