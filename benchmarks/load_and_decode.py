@@ -6,6 +6,13 @@ all variants alike. The parent prints one table of medians with ratios against d
 in the same run.
 
     python benchmarks/load_and_decode.py [--repeats 3] [--tokens 64] [--prefill 512] [--json out.json]
+    python benchmarks/load_and_decode.py --avx2   # every kernel capped at AVX2: a proxy for an AVX2-only CPU
+
+The first line printed names the CPU and its flags; a figure from one kind of CPU is no claim about another.
+``--avx2`` caps PyTorch (``ATEN_CPU_CAPABILITY=avx2``), MKL (``MKL_ENABLE_INSTRUCTIONS=AVX2``), oneDNN
+(``ONEDNN_MAX_CPU_ISA=AVX2``) and hf_svdq's compiled kernels (``HF_SVDQ_ISA=avx2``) in every child: the same
+cores and memory, AVX2 instructions only. Compressed variants are written once into the hf_svdq cache
+(``bench/``) and reused.
 
 Columns: decode tokens/s (greedy ``generate``, ``--tokens`` new tokens) at 1 and 2 threads, each also
 as a paired ratio (dense fp32 loaded in the same process and timed in alternation with the variant);
@@ -20,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -43,13 +49,21 @@ def variants(text_dir: Path) -> dict[str, dict[str, Any] | None]:
         "dense fp32": None,
         "dense bf16": {"dtype": "bfloat16"},
         "INT8 per-row": {"rank": 0, "residual_bits": 8, "group_size": None},
+        "INT8 per-row + INT8 head": {"same_as": "INT8 per-row", "int8_head": True},
         "INT4 g64 + r24 (data-free)": {"rank": 24, "residual_bits": 4, "group_size": 64},
-        "INT4 g64 + LR, 5.0 bpw (calibrated)": {"target_bits_per_weight": 5.0, "residual_bits": 4, "group_size": 64,
-                                                 "refine_steps": 1, "calibration": calibration},
         "INT4 g64 + r24 + INT8 head": {"same_as": "INT4 g64 + r24 (data-free)", "int8_head": True},
-        "INT4 g64 + LR, 5.0 bpw + INT8 head": {"same_as": "INT4 g64 + LR, 5.0 bpw (calibrated)", "int8_head": True},
+        "recommended (5.0 bpw)": {"recommended": True, "calibration": calibration},
+        "recommended + INT8 head": {"same_as": "recommended (5.0 bpw)", "int8_head": True},
         "plain low rank r128": {"rank": 128},
     }
+
+
+AVX2_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "HF_SVDQ_ISA": "avx2"}
+
+
+def _slug(name: str) -> str:
+    return "smollm2-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
 def compress(name: str, kwargs: dict[str, Any], folder: Path) -> float:
@@ -62,8 +76,10 @@ def compress(name: str, kwargs: dict[str, Any], folder: Path) -> float:
     kwargs = dict(kwargs)
     if "calibration" in kwargs:
         kwargs["calibration"] = CalibrationConfig(**kwargs["calibration"])
+    config = (hf_svdq.SVDQuantConfig.recommended(calibration=kwargs["calibration"]) if kwargs.pop("recommended", False)
+              else hf_svdq.SVDQuantConfig(**kwargs))
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(), quantization_config=hf_svdq.SVDQuantConfig(**kwargs))
+    model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(), quantization_config=config)
     seconds = time.perf_counter() - start
     model.save_pretrained(folder)
     print(f"compressed {name!r} in {seconds:.0f} s", file=sys.stderr)
@@ -98,7 +114,7 @@ def child(folder: str, dtype: str | None, tokens: int, prefill: int) -> dict[str
     from transformers import AutoModelForCausalLM
 
     import hf_svdq  # noqa: F401  (registers the quantizer; the autoload hook would too)
-    from hf_svdq.kernels import backend
+    from hf_svdq.kernels import backend, cpp
 
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -110,7 +126,9 @@ def child(folder: str, dtype: str | None, tokens: int, prefill: int) -> dict[str
     result["decode_2t"] = _decode_tok_s(model, ids, tokens)
     torch.set_num_threads(1)
     result["peak_rss"] = mem.peak_rss()
-    result["backend"] = backend.active().name if any("SVDQ" in type(m).__name__ for m in model.modules()) else "-"
+    chosen = backend.active()
+    kernels = chosen.name + (f"-{cpp.isa_name(chosen.isa)}" if chosen.compiled is not None else "")
+    result["backend"] = kernels if any("SVDQ" in type(m).__name__ for m in model.modules()) else "-"
     active, reference = [], []
     for _ in range(3):  # alternated, so a slow spell of the machine hits both paths
         for choice, times in (("auto", active), ("reference", reference)):
@@ -155,6 +173,7 @@ def main() -> None:
     parser.add_argument("--text-dir", type=Path, default=TEXT)
     parser.add_argument("--only", nargs="*", help="run only these variants (dense fp32 always runs)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--avx2", action="store_true", help="cap every kernel at AVX2 (a proxy for an AVX2-only CPU)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -162,8 +181,16 @@ def main() -> None:
         print(json.dumps(child(args.child, args.dtype, args.tokens, args.prefill)))
         return
 
-    from hf_svdq.real_model import smollm2_checkpoint
+    sys.path.insert(0, str(HERE))
+    from moe_decode import cpu
 
+    from hf_svdq.real_model import cache_root, smollm2_checkpoint
+
+    child_env = dict(os.environ)
+    if args.avx2:
+        child_env.update(AVX2_CAPS)
+    print(f"CPU: {cpu()}" + ("; capped at AVX2 (" + " ".join(f"{k}={v}" for k, v in AVX2_CAPS.items()) + ")"
+                             if args.avx2 else ""), flush=True)
     every = variants(args.text_dir)
     wanted = {n for n in every if n == "dense fp32" or not args.only or n in args.only}
     wanted |= {every[n]["same_as"] for n in list(wanted) if every[n] and "same_as" in every[n]}  # type: ignore[index]
@@ -183,13 +210,15 @@ def main() -> None:
                 config["quantization_config"]["int8_head"] = kwargs["int8_head"]
                 config_file.write_text(json.dumps(config, indent=2))
             else:
-                folders[name] = (Path(tmp) / str(i), None)
-                compress_s[name] = compress(name, kwargs, folders[name][0])
+                folders[name] = (cache_root() / "bench" / _slug(name), None)
+                if not (folders[name][0] / "config.json").is_file():
+                    compress_s[name] = compress(name, kwargs, folders[name][0])
         for _ in range(args.repeats):
             for name, (folder, dtype) in folders.items():
                 cmd = [sys.executable, __file__, "--child", str(folder), "--tokens", str(args.tokens),
                        "--prefill", str(args.prefill)] + (["--dtype", dtype] if dtype else [])
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                     env=child_env).stdout.strip().splitlines()[-1]
                 row = json.loads(out)
                 row["checkpoint_bytes"] = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
                 runs[name].append(row)
@@ -197,7 +226,7 @@ def main() -> None:
                for n, rs in runs.items()}
     print(render(medians, args))
     if args.json:
-        meta = {"cpu": platform.processor() or platform.machine(), "repeats": args.repeats, "tokens": args.tokens,
+        meta = {"cpu": cpu(), "avx2_cap": args.avx2, "repeats": args.repeats, "tokens": args.tokens,
                 "prefill": args.prefill, "compress_s": compress_s}
         args.json.write_text(json.dumps({"meta": meta, "medians": medians, "runs": runs}, indent=2))
 
@@ -208,12 +237,12 @@ def render(medians: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         (f"SmolLM2-135M-Instruct, CPU, medians of {args.repeats}; decode {args.tokens} new tokens, prefill "
         f"{args.prefill} tokens at 1 thread; x = ratio to dense fp32 in this run (higher is better for tok/s, "
         "lower for seconds and bytes)"),
-        (f"{'variant':<36} {'kernels':>9} {'1t tok/s':>9} {'x':>5} {'paired':>6} {'2t tok/s':>9} {'x':>5} {'paired':>6} "
+        (f"{'variant':<36} {'kernels':>15} {'1t tok/s':>9} {'x':>5} {'paired':>6} {'2t tok/s':>9} {'x':>5} {'paired':>6} "
          f"{'prefill s':>10} {'x ref':>6} {'load s':>7} {'peak RSS MB':>12} {'x':>5} {'ckpt MB':>8} {'x':>6}"),
     ]
     for name, row in medians.items():
         lines.append(
-            f"{name:<36} {row['backend']:>9} {row['decode_1t']:>9.1f} {row['decode_1t'] / dense['decode_1t']:>5.2f} "
+            f"{name:<36} {row['backend']:>15} {row['decode_1t']:>9.1f} {row['decode_1t'] / dense['decode_1t']:>5.2f} "
             f"{row['paired_1t']:>6.2f} {row['decode_2t']:>9.1f} {row['decode_2t'] / dense['decode_2t']:>5.2f} "
             f"{row['paired_2t']:>6.2f} {row['prefill_s']:>10.2f} "
             f"{row['prefill_reference_s'] / row['prefill_s']:>6.2f} {row['load_s']:>7.2f} {row['peak_rss'] / 1e6:>12.0f} "
