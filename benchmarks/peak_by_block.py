@@ -31,17 +31,10 @@ sys.path.insert(0, str(HERE))
 _CHILD = r"""
 import collections, json, sys, threading, time
 from pathlib import Path
+from _memory import _status as status
 from hf_svdq import SVDQuantConfig
 from hf_svdq.streaming import compress_checkpoint
 from hf_svdq.streaming import reader
-
-def status():
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if value.strip().endswith("kB"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
 
 def mappings():
     sizes, name = collections.Counter(), None
@@ -100,7 +93,7 @@ def main() -> None:
     root = cache_root() / "scale"
     folder = build(args.shape, args.blocks, root)
     n = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
     gb = 1e9
     print("| shape | blocks | run | wall | peak (VmHWM) | at the sampled peak: anon / file | heap after first / last block |")
     print("|---|---|---|---|---|---|---|")

@@ -26,11 +26,6 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def _malloc_trim() -> object | None:
-    libc = _libc()
-    return None if libc is None else libc.malloc_trim
-
-
 M_MMAP_THRESHOLD = -3
 HEAP_LIMIT = 16 << 20
 """Allocations of at least this many bytes get their own mapping, returned to the OS when freed.
@@ -38,8 +33,8 @@ HEAP_LIMIT = 16 << 20
 glibc raises its mmap threshold each time a large mapped block is freed (up to 32 MiB), after which
 weight-sized temporaries of a compression land on the heap and fragment it. Measured on a random
 24-block Llama (hidden 1024, MLP 4096; ``benchmarks/peak_by_block.py``), recommended mode: peak RSS
-1.31-1.59 GB over 5 runs with glibc's default, 1.07 and 1.14 GB with a fixed 16 MiB threshold, at the
-same speed (1 MiB: 1.00 GB but 30% slower: every temporary's pages are faulted in anew)."""
+1.31-1.59 GB over 5 runs (4 and 24 blocks) with glibc's default, 1.07-1.27 GB over 4 with a fixed 16 MiB
+threshold, no slower (1 MiB: 1.00 GB but 30% slower: every temporary's pages are faulted in anew)."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,6 +46,6 @@ def bound_heap() -> bool:
 
 
 def release_free_memory() -> None:
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)  # type: ignore[operator]
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

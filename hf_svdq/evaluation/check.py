@@ -17,7 +17,7 @@ import re
 import shutil
 import textwrap
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,6 @@ CANDIDATE_PROMPTS: tuple[str, ...] = (
 )
 """Short factual questions; the check answers the :data:`N_PROMPTS` the dense model is surest of."""
 N_PROMPTS = 3
-DEFAULT_PROMPT = CANDIDATE_PROMPTS[0]
 _STOPWORDS = frozenset(str.split(
     "a an the is are was were be been of in on at to for and or but with by from as it its this that these those "
     "there their they he she his her we you your i my me our what which who whom how when where why do does did "
@@ -76,7 +75,7 @@ class QuickCheck:
     perplexity: float
     dense_perplexity: float
     max_ppl_ratio: float
-    prompts_picked: bool = field(default=True)
+    prompts_picked: bool = True
 
     @property
     def perplexity_ratio(self) -> float:

@@ -2,11 +2,11 @@
 
 ``HF_SVDQ_KERNELS`` (read once, at the first compressed forward) chooses:
 
-* ``auto`` (default): the numba kernels when numba imports and the CPU has AVX2 and FMA; else the
-  reference. On a CPU without AVX2 everything still runs, through the reference. (When
-  :data:`AUTO_COMPILED` is set, the compiled kernels first; it is not yet: see there.)
+* ``auto`` (default): the compiled kernels where they build and the CPU has AVX2 (:data:`AUTO_COMPILED`),
+  else the numba kernels when numba imports and the CPU has AVX2 and FMA, else the reference. On a CPU
+  without AVX2 everything still runs, through the reference.
 * ``cpp``: the compiled C++ kernels (:mod:`hf_svdq.kernels.cpp`: int8 activations, integer dot products,
-  PyTorch's thread pool), opt-in; an error if they cannot be built.
+  PyTorch's thread pool); an error if they cannot be built.
 * ``numba``: the numba kernels whatever the CPU (an error if numba is missing).
 * ``reference``: always the pure-PyTorch reference (:mod:`hf_svdq.kernels.reference`).
 
