@@ -24,6 +24,8 @@ _LAZY = {
     "export": ".publishing.exports",
     "export_gguf": ".publishing.gguf_export",
     "export_awq_lora": ".publishing.awq_export",
+    "PillarMonitor": ".monitoring.pillar_monitor",
+    "AlarmRule": ".monitoring.statistics",
 }
 
 _REGISTERS = ("SVDQuantConfig",)
@@ -31,8 +33,10 @@ _REGISTERS = ("SVDQuantConfig",)
 __all__ = [
     "FORMAT_VERSION",
     "QUANT_METHOD",
+    "AlarmRule",
     "AnalysisSettings",
     "CalibrationConfig",
+    "PillarMonitor",
     "SVDQLinear",
     "SVDQResidualLinear",
     "SVDQuantConfig",
@@ -62,6 +66,8 @@ if TYPE_CHECKING:
     from .integration.config import SVDQuantConfig as SVDQuantConfig
     from .integration.quantizer import SVDQuantizer as SVDQuantizer
     from .integration.quantizer import register as register
+    from .monitoring.pillar_monitor import PillarMonitor as PillarMonitor
+    from .monitoring.statistics import AlarmRule as AlarmRule
     from .nn.low_rank import SVDQLinear as SVDQLinear
     from .nn.residual import SVDQResidualLinear as SVDQResidualLinear
     from .publishing.awq_export import export_awq_lora as export_awq_lora

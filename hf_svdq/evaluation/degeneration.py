@@ -7,8 +7,9 @@ crafted strings and independent of any tokenizer.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 _UNIT = re.compile(r"\w+|[^\w\s]")
 
@@ -24,15 +25,16 @@ class Loop:
 
     period: int
     repeats: float
-    unit: tuple[str, ...]
+    unit: tuple[Any, ...]
 
 
-def detect_loop(seq: Sequence[str], max_period: int = 20, min_repeats: float = 2.5, min_span: int = 6) -> Loop | None:
+def detect_loop(seq: Sequence[Hashable], max_period: int = 20, min_repeats: float = 2.5, min_span: int = 6) -> Loop | None:
     """The shortest period ``p`` such that the last ``span >= max(min_span, min_repeats * p)`` units
     are periodic with period ``p``; ``None`` when the text does not end in a loop.
 
     ``",,,,,,"`` is period 1 (6 repeats); ``"the meaning of life is the meaning of life is the
-    meaning of life"`` is period 5 (2.8 repeats); two copies of a sentence are not a loop.
+    meaning of life"`` is period 5 (2.8 repeats); two copies of a sentence are not a loop. Works on
+    any sequence of comparable items (text units, token ids).
     """
     n = len(seq)
     for period in range(1, min(max_period, n // 2) + 1):
