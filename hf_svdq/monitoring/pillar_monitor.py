@@ -27,7 +27,7 @@ from torch import nn
 from transformers import LogitsProcessor
 
 from ..evaluation.degeneration import detect_loop
-from .statistics import STATISTICS, AlarmRule, AlarmState, logits_entropy
+from .statistics import STATISTICS, AlarmRule, AlarmState, activation_rms, logits_entropy
 
 INTERVENTIONS = (None, "noise")
 TRIGGERS = ("statistic", "tokens")
@@ -140,13 +140,13 @@ class PillarMonitor(LogitsProcessor):
         return cls(model, pillars, **kwargs)
 
     # lifecycle -----------------------------------------------------------------------------------
-    def reset(self) -> None:
+    def reset(self, batch: int = 0, prompt_len: int = 0) -> None:
         """Forget the current generation (done by itself when a new one starts)."""
-        self._state: AlarmState | None = None
-        self._prompt_len = 0
-        self._generated: list[list[int]] = []
-        self._finished = torch.zeros(0, dtype=torch.bool)
-        self._intervene = torch.zeros(0, dtype=torch.bool)
+        self._state = AlarmState(self.rule, batch, len(self.modules))
+        self._prompt_len = prompt_len
+        self._generated: list[list[int]] = [[] for _ in range(batch)]
+        self._finished = torch.zeros(batch, dtype=torch.bool)
+        self._intervene = torch.zeros(batch, dtype=torch.bool)
         self._generator = torch.Generator().manual_seed(self.seed)
         self._records: list[tuple[torch.Tensor, ...]] = []
 
@@ -178,7 +178,7 @@ class PillarMonitor(LogitsProcessor):
             if self._intervene.shape[0] != newest.shape[0]:
                 return None
             rows = self._intervene.to(newest.device)
-            rms = newest.detach().float().pow(2).mean(-1, keepdim=True).sqrt()
+            rms = activation_rms(newest.detach())[:, None]
             noise = torch.randn(newest.shape, generator=self._generator).to(newest.device)
             delta = (self.noise_scale * rms * noise * rows[:, None]).to(newest.dtype)
             tensor = output[0] if isinstance(output, (tuple, list)) else output
@@ -196,14 +196,9 @@ class PillarMonitor(LogitsProcessor):
     # the logits processor ------------------------------------------------------------------------
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         batch = input_ids.shape[0]
-        if self._new_sequence or self._state is None or self._state.alarm.shape[0] != batch:
-            self.reset()
+        if self._new_sequence or self._state.alarm.shape[0] != batch:
+            self.reset(batch, input_ids.shape[1])
             self._new_sequence = False
-            self._state = AlarmState(self.rule, batch, len(self.modules))
-            self._prompt_len = input_ids.shape[1]
-            self._generated = [[] for _ in range(batch)]
-            self._finished = torch.zeros(batch, dtype=torch.bool)
-            self._intervene = torch.zeros(batch, dtype=torch.bool)
         missing = [self.modules[i] for i in range(len(self.modules)) if i not in self._pending]
         if missing:
             raise RuntimeError(f"PillarMonitor: watched module {missing[0]!r} did not run in this forward pass")
