@@ -33,18 +33,13 @@ def prompts() -> list[str]:
 
 def load(name: str) -> Any:
     """The model by name; compressed ones are written once into the hf_svdq cache and loaded from there."""
-    from load_and_decode import _slug, compress
+    from load_and_decode import cached
     from transformers import AutoModelForCausalLM
 
-    from hf_svdq.real_model import cache_root, smollm2_checkpoint
+    from hf_svdq.real_model import smollm2_checkpoint
 
     kwargs = MODELS[name]
-    if kwargs is None:
-        path = smollm2_checkpoint()
-    else:
-        path = cache_root() / "bench" / _slug(name)
-        if not (path / "config.json").exists():
-            compress(name, kwargs, path)
+    path = smollm2_checkpoint() if kwargs is None else cached(name, kwargs)[0]
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 

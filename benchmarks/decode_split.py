@@ -32,17 +32,11 @@ sys.path.insert(0, str(HERE))
 
 
 def compressed_folder() -> Path:
-    """SmolLM2 INT4 g64 + r24 (data-free), compressed once into the hf_svdq cache."""
-    from transformers import AutoModelForCausalLM
+    """SmolLM2 INT4 g64 + r24 (data-free), compressed once into the hf_svdq cache (shared with load_and_decode)."""
+    from load_and_decode import TEXT, cached, variants
 
-    from hf_svdq import SVDQuantConfig
-    from hf_svdq.real_model import cache_root, smollm2_checkpoint
-
-    folder = cache_root() / "bench" / "smollm2-int4-g64-r24"
-    if not (folder / "config.json").is_file():
-        config = SVDQuantConfig(rank=24, residual_bits=4, group_size=64)
-        AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(), quantization_config=config).save_pretrained(folder)
-    return folder
+    name = "INT4 g64 + r24 (data-free)"
+    return cached(name, variants(TEXT)[name] or {})[0]
 
 
 def _decode_steps(model: Any, tokens: int, on_start: Any = None) -> float:

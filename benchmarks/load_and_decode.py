@@ -66,6 +66,17 @@ def _slug(name: str) -> str:
     return "smollm2-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
+def cached(name: str, kwargs: dict[str, Any]) -> tuple[Path, float | None]:
+    """The compression ``name`` (``kwargs`` as in :func:`variants`), written once into the hf_svdq cache
+    (``bench/``) and reused; the seconds it took, or ``None`` when it was there already."""
+    from hf_svdq.real_model import cache_root
+
+    folder = cache_root() / "bench" / _slug(name)
+    if (folder / "config.json").is_file():
+        return folder, None
+    return folder, compress(name, kwargs, folder)
+
+
 def compress(name: str, kwargs: dict[str, Any], folder: Path) -> float:
     from transformers import AutoModelForCausalLM
 
@@ -184,7 +195,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from moe_decode import cpu
 
-    from hf_svdq.real_model import cache_root, smollm2_checkpoint
+    from hf_svdq.real_model import smollm2_checkpoint
 
     child_env = dict(os.environ)
     if args.avx2:
@@ -210,9 +221,10 @@ def main() -> None:
                 config["quantization_config"]["int8_head"] = kwargs["int8_head"]
                 config_file.write_text(json.dumps(config, indent=2))
             else:
-                folders[name] = (cache_root() / "bench" / _slug(name), None)
-                if not (folders[name][0] / "config.json").is_file():
-                    compress_s[name] = compress(name, kwargs, folders[name][0])
+                folder, seconds = cached(name, kwargs)
+                folders[name] = (folder, None)
+                if seconds is not None:
+                    compress_s[name] = seconds
         for _ in range(args.repeats):
             for name, (folder, dtype) in folders.items():
                 cmd = [sys.executable, __file__, "--child", str(folder), "--tokens", str(args.tokens),

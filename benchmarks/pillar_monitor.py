@@ -159,6 +159,7 @@ def _load_traces(models: list[str]) -> dict[str, Any]:
 
 
 def _candidates(modules: list[str]) -> dict[str, list[int]]:
+    """The watched sets, by name, as indices into ``modules`` (``_watch``: decoder layers, then the pillars)."""
     layers = [i for i, m in enumerate(modules) if m.count(".") == 2]
     sets = {"pillars (policy)": [i for i, m in enumerate(modules) if m.count(".") > 2], "all layers": layers}
     sets.update({modules[i]: [i] for i in layers})
@@ -217,12 +218,6 @@ def _rule(row: dict[str, Any]) -> AlarmRule:
     return AlarmRule(threshold=row["threshold"], direction=row["direction"], patience=row["patience"], warmup=row["warmup"])
 
 
-def _modules(watch: list[str], name: str) -> list[str]:
-    if name == "pillars (policy)":
-        return [m for m in watch if m.count(".") > 2]
-    return [m for m in watch if m.count(".") == 2] if name == "all layers" else [name]
-
-
 def intervene(args: argparse.Namespace, detection: dict[str, Any]) -> dict[str, Any]:
     """Every model under: nothing; the tune-chosen monitor, the best monitor on the policy's pillars (one
     setting when they are the same rule) and the pillars triggered by the token detector at its lower
@@ -232,8 +227,8 @@ def intervene(args: argparse.Namespace, detection: dict[str, Any]) -> dict[str, 
     inputs = batch_inputs(tok, texts)
     dense = load("dense")
     eos = {tok.eos_token_id, tok.pad_token_id}
-    keys = ("statistic", "watch", "direction", "threshold", "patience", "warmup")
-    same = all(detection["chosen"][k] == detection["best_pillars"][k] for k in keys)
+    keys = ("statistic", "watch", "direction", "threshold", "patience", "warmup", "trigger")
+    same = all(detection["chosen"].get(k) == detection["best_pillars"].get(k) for k in keys)
     monitors = {"chosen = pillars" if same else "chosen": detection["chosen"]}
     if not same:  # the tune-chosen rule may watch one layer; the best rule on the policy's pillars too
         monitors["pillars"] = detection["best_pillars"]
@@ -245,7 +240,7 @@ def intervene(args: argparse.Namespace, detection: dict[str, Any]) -> dict[str, 
     settings += [(f"no_repeat_ngram_size {k}", {"no_repeat_ngram_size": k}) for k in args.ngrams]
     if args.only:  # "none" always runs: it defines which rows loop without intervention
         settings = [s for s in settings if s[0] == "none" or any(o in s[0] for o in args.only)]
-    out: dict[str, Any] = {"monitors": {k: {key: v[key] for key in ("statistic", "watch", "direction", "threshold", "patience", "warmup", "trigger") if key in v}
+    out: dict[str, Any] = {"monitors": {k: {key: v[key] for key in keys if key in v}
                                         for k, v in monitors.items()}, "models": {}}
     for name in args.models:
         model = dense if name == "dense" else load(name)
@@ -256,7 +251,7 @@ def intervene(args: argparse.Namespace, detection: dict[str, Any]) -> dict[str, 
             monitor = None
             if "noise" in kw:
                 row = monitors[kw.pop("monitor")]
-                monitor = PillarMonitor(model, _modules(watch, row["watch"]), statistic=row["statistic"], rule=_rule(row),
+                monitor = PillarMonitor(model, [watch[i] for i in _candidates(watch)[row["watch"]]], statistic=row["statistic"], rule=_rule(row),
                                         trigger=row.get("trigger", "statistic"), intervention="noise",
                                         noise_scale=kw.pop("noise"), seed=args.seed, loop_min_repeats=TOKEN_TRIGGER_REPEATS,
                                         loop_min_span=4)
@@ -290,8 +285,9 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
     for name in args.models:
         model = load(name)
         watch = _watch(model)
-        sets = {"pillars (23 linears)": watch[model.config.num_hidden_layers :],
-                "all decoder layers (30)": watch[: model.config.num_hidden_layers]}
+        named = _candidates(watch)
+        sets = {"pillars (23 linears)": [watch[i] for i in named["pillars (policy)"]],
+                "all decoder layers (30)": [watch[i] for i in named["all layers"]]}
         times: dict[str, list[float]] = {"off": [], **{k: [] for k in sets}}
         tokens = 64
         generate(model, inputs, 8)
