@@ -118,6 +118,19 @@ def fragile_llama() -> torch.nn.Module:
 
 
 @pytest.fixture
+def numba_kernels(monkeypatch: pytest.MonkeyPatch):
+    """Our decode on the numba kernels (float activations) for one test, then the default choice again: for
+    tests that compare our logits with another reader's, or a prefill's with our decode (the compiled kernels
+    round activations to int8, which is not what those compare). Restored even when the test fails or skips."""
+    from hf_svdq.kernels import backend
+
+    monkeypatch.setenv(backend.BACKEND_ENV, "numba")
+    backend.reset()
+    yield
+    backend.reset()
+
+
+@pytest.fixture
 def hub_server(tmp_path: Path):
     """A started local server speaking the Hub's HTTP protocol (``tests/hub_server.py``), stopped after the test."""
     from .hub_server import HubServer

@@ -144,18 +144,14 @@ def test_an_export_that_changed_is_not_pushed(tiny_checkpoint, tmp_path, hub_ser
 
 @pytest.mark.real
 def test_smollm2_awq_export_matches_ours_in_the_reference_reader(smollm2_int4_r24, smollm2_path, tmp_path, capsys,
-                                                                  monkeypatch):
+                                                                  numba_kernels):
     """SmolLM2 INT4 g64 + rank 24 (padded to 32): perplexity on held-out text and greedy tokens, ours vs
     the AWQ reader + PEFT (float32 compute of the fp16 export). Ours on the float-activation numba kernels:
     the compiled kernels' int8 activations are not what this compares."""
     from transformers import AutoTokenizer
 
-    from hf_svdq.kernels import backend
-
-    monkeypatch.setenv(backend.BACKEND_ENV, "numba")
-    backend.reset()
-
     from hf_svdq.calibration.source import HELDOUT_TEXT
+    from hf_svdq.kernels import backend
 
     folder = tmp_path / "ckpt"
     shutil.copytree(smollm2_int4_r24, folder)
@@ -194,7 +190,6 @@ def test_smollm2_awq_export_matches_ours_in_the_reference_reader(smollm2_int4_r2
             margin = float(logits[mine[agree]] - logits[theirs[agree]])
             print(f"  diverged at a margin of {margin:.4f} logits")
             assert 0 <= margin < 0.02
-    backend.reset()
 
 
 def _run_in_awq_env(folder, ids, tmp_path):

@@ -18,21 +18,11 @@ from hf_svdq.publishing.gguf_export import export_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="the [serve-test] extra (llama-cpp-python) is not installed")
 
-pytestmark = [pytest.mark.real, pytest.mark.slow]
+# Ours on the numba kernels: the greedy-tie check reads our logits from a prefill forward, which must be the
+# same arithmetic as our decode (the compiled kernels round activations).
+pytestmark = [pytest.mark.real, pytest.mark.slow, pytest.mark.usefixtures("numba_kernels")]
 
 PROMPTS = ("The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):")
-
-
-@pytest.fixture(autouse=True)
-def _float_activation_kernels(monkeypatch):
-    """Ours on the numba kernels (float activations): the greedy-tie check reads our logits from a prefill
-    forward, which must be the same arithmetic as our decode (the compiled kernels round activations)."""
-    from hf_svdq.kernels import backend
-
-    monkeypatch.setenv(backend.BACKEND_ENV, "numba")
-    backend.reset()
-    yield
-    backend.reset()
 
 
 @pytest.fixture(scope="module")
