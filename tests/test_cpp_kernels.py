@@ -119,6 +119,25 @@ def test_input_rows_of_zeros_and_huge_values(compiled):
     assert torch.equal(got[0], torch.zeros(64))
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_the_largest_codes_and_activations_do_not_saturate(compiled, bits, group):
+    """Every code at its maximum against activations at +-127: the AVX2 INT4 kernels add two ``maddubs`` pair sums in
+    int16 before widening (at most 4 x 15 x 127 = 7620) and INT8 meets ``codes - 128``; all must stay exact."""
+    from hf_svdq.nn.residual import SVDQResidualLinear
+
+    out_f, in_f = 8, 256
+    layer = SVDQResidualLinear(in_f, out_f, 0, bits, group, bias=False)
+    layer.weight.data.fill_(255)  # INT4: both nibbles 15; INT8: 255
+    layer.weight_scale.data.fill_(1.0)
+    layer.weight_zero.data.zero_()
+    x = torch.stack([torch.ones(in_f), -torch.ones(in_f), torch.where(torch.arange(in_f) % 3 == 0, 1.0, -1.0)])
+    with torch.no_grad():
+        got = layer(x)
+    top = 15.0 if bits == 4 else 255.0
+    assert torch.equal(got, (x.sum(1, keepdim=True) * top).expand(3, out_f)), got[:, 0]
+
+
 @pytest.mark.parametrize(("out_f", "in_f", "rank"), [(48, 96, 8), (1536, 576, 40)])
 def test_low_rank_kernel_matches_its_emulation(compiled, out_f, in_f, rank):
     from hf_svdq.algorithms.linalg import low_rank_int8

@@ -18,10 +18,12 @@
 
 namespace {
 
+constexpr int64_t kPrefetchTiles = 2;  // how far ahead the codes are prefetched, in tiles of 4 rows (1-4 measured alike)
+
 struct Job {
   int rows = 0, in = 0, out_features = 0, bits = 0, groups = 0, group_size = 0, rank = 0;
   const int8_t* xq = nullptr;     // [rows, in] activation codes
-  const int8_t* xq4 = nullptr;    // [rows, in] the same, per block of 32 the even elements then the odd ones
+  const int8_t* xq4 = nullptr;    // [rows, in] the same in the INT4 kernels' order (quantize_activations)
   const float* xd = nullptr;      // [rows, in / 32] activation block scales
   const float* xsum = nullptr;    // [rows, groups] group sums of the rounded activations
   const uint8_t* codes = nullptr; // [out, in * bits / 8] base codes (null: a low-rank layer)
@@ -120,12 +122,14 @@ int64_t best_isa() {
 // x [rows, in] float32 -> codes, block scales and (for a base) group sums of the ROUNDED activations
 // (as ggml's Q8_1 keeps d * sum(q)): the zero-point term then meets the same activations as the codes, so
 // the result is the layer applied to the rounded input, with no error amplified by the zero point.
-// `xq4` (if not null) gets the codes in the order the INT4 kernels unpack nibbles: per block, elements 0, 2, .., 30
-// (the low nibbles) then 1, 3, .., 31 (the high ones).
+// `xq4` (if not null) gets the codes in the order the INT4 kernels unpack nibbles: the even elements (the low
+// nibbles) then the odd ones (the high nibbles), per 64 elements where a group holds an even number of
+// blocks (the kernels read 32 packed bytes at a time), else per block of 32.
 void quantize_activations(const float* x, int rows, int in, int group_size, int8_t* xq, int8_t* xq4, float* xd,
                           float* xsum) {
   const int blocks = in / 32;
   const int blocks_per_group = group_size > 0 ? group_size / 32 : 0;
+  const bool pairs = blocks_per_group % 2 == 0;  // the INT4 kernels' pair order (see rows.h)
   for (int m = 0; m < rows; ++m) {
     const float* row = x + static_cast<int64_t>(m) * in;
     int8_t* codes = xq + static_cast<int64_t>(m) * in;
@@ -140,7 +144,12 @@ void quantize_activations(const float* x, int rows, int in, int group_size, int8
       for (int k = 0; k < 32; ++k) {
         const int8_t q = static_cast<int8_t>(std::nearbyint(row[b * 32 + k] * id));
         codes[b * 32 + k] = q;
-        if (xq4) xq4[static_cast<int64_t>(m) * in + b * 32 + (k & 1) * 16 + k / 2] = q;
+        if (xq4 && pairs) {  // per 64 elements: the even ones, then the odd ones
+          const int e = (b & 1) * 32 + k;
+          xq4[static_cast<int64_t>(m) * in + (b & ~1) * 32 + (e & 1) * 32 + e / 2] = q;
+        } else if (xq4) {
+          xq4[static_cast<int64_t>(m) * in + b * 32 + (k & 1) * 16 + k / 2] = q;
+        }
         sum += q;
       }
       if (blocks_per_group) {
