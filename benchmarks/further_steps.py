@@ -1,0 +1,219 @@
+"""What the next decode steps would buy, measured on SmolLM2-135M-Instruct INT4 g64 + r24 (compiled kernels).
+
+* **calls** (fused q/k/v and gate/up): the blocks' 210 linear calls a token (q, k, v, o, gate, up, down) against
+  120, with q/k/v stacked into one layer and gate/up into one (codes, scales and zeros stacked; the corrections
+  stacked block-diagonally, so a fused call computes exactly the separate outputs: checked). Module calls on
+  1-row inputs over the 30 blocks' own weights (out of cache, as in decode), alternated, median of
+  ``--passes``, 1 and 2 threads. The block-diagonal correction does 3x (q/k/v) and 2x (gate/up) the
+  correction work and reads +7% bytes a fused kernel would not, so the measured saving is a lower bound.
+* **linked** (the library's sibling links, :mod:`hf_svdq.nn.siblings`): ``generate()`` ms per token with q/k/v
+  and gate/up computed in one compiled call each, as loaded, and with the links removed, alternated in one
+  process (9 pairs, 64 greedy tokens), 1 and 2 threads.
+* **head** (an INT4 head): the tied 49152x576 head as an in-memory INT4 copy (RTN, group 32 or 64, the residual
+  layout, read by the same kernels) against the float head and the library's INT8 per-row copy
+  (``int8_head=True``): decode ms per token paired in one process (``generate()``, 64 greedy tokens, median of
+  3 alternations) and perplexity over 1,024 held-out tokens of *Emma* with every row through the decode
+  kernels, against the float head (the body is the same model in every row).
+
+    python benchmarks/further_steps.py [--what calls,linked,head] [--passes 15]
+
+Prints the CPU first; JSON rows go to ``benchmarks/results/further-steps.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def _stacked(layers: list[Any]) -> Any:
+    """One residual layer computing ``layers``' outputs one after another (block-diagonal correction)."""
+    from hf_svdq.nn.residual import SVDQResidualLinear
+
+    first = layers[0]
+    outs, ranks = [m.out_features for m in layers], [m.rank for m in layers]
+    fused = SVDQResidualLinear(first.in_features, sum(outs), sum(ranks), first.bits, first.group_size, bias=False)
+    u = torch.zeros(sum(outs), sum(ranks), dtype=torch.int8)
+    row = col = 0
+    for m in layers:
+        u[row:row + m.out_features, col:col + m.rank] = m.weight_u
+        row, col = row + m.out_features, col + m.rank
+    tensors = {"weight": torch.cat([m.weight for m in layers]), "weight_scale": torch.cat([m.weight_scale for m in layers]),
+               "weight_zero": torch.cat([m.weight_zero for m in layers]), "weight_u": u,
+               "weight_u_scale": torch.cat([m.weight_u_scale for m in layers]),
+               "weight_vh": torch.cat([m.weight_vh for m in layers]),
+               "weight_vh_scale": torch.cat([m.weight_vh_scale for m in layers])}
+    for name, value in tensors.items():
+        setattr(fused, name, nn.Parameter(value.contiguous(), requires_grad=False))
+    return fused
+
+
+def calls(model: Any, passes: int) -> list[dict[str, Any]]:
+    """ms per token of the blocks' linears as 210 calls and as 120 (see the module docstring)."""
+    torch.manual_seed(0)
+    separate, fused = [], []
+    for block in model.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        x, h = torch.randn(1, 1, attn.q_proj.in_features), torch.randn(1, 1, mlp.down_proj.in_features)
+        qkv, gate_up = _stacked([attn.q_proj, attn.k_proj, attn.v_proj]), _stacked([mlp.gate_proj, mlp.up_proj])
+        with torch.no_grad():
+            expected = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+            if not torch.allclose(qkv(x), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max())):
+                raise RuntimeError("the stacked q/k/v layer does not compute the separate outputs")
+        separate += [(attn.q_proj, x), (attn.k_proj, x), (attn.v_proj, x), (attn.o_proj, x), (mlp.gate_proj, x),
+                     (mlp.up_proj, x), (mlp.down_proj, h)]
+        fused += [(qkv, x), (attn.o_proj, x), (gate_up, x), (mlp.down_proj, h)]
+    rows = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        times: dict[str, list[float]] = {"210 calls": [], "120 calls": []}
+        with torch.no_grad():
+            for i in range(passes + 3):
+                for name, work in (("210 calls", separate), ("120 calls", fused)):
+                    start = time.perf_counter()
+                    for module, inp in work:
+                        module(inp)
+                    if i >= 3:
+                        times[name].append(1e3 * (time.perf_counter() - start))
+        a, b = statistics.median(times["210 calls"]), statistics.median(times["120 calls"])
+        rows.append({"what": "calls", "threads": threads, "210 calls ms": a, "120 calls ms": b, "saved ms": a - b,
+                     "saved us per call": 1e3 * (a - b) / 90})
+    torch.set_num_threads(1)
+    return rows
+
+
+def linked(model: Any, tokens: int, pairs: int = 9) -> list[dict[str, Any]]:
+    """``generate()`` ms per token with the library's sibling links (q/k/v and gate/up in one call each, as loaded)
+    and without them (:func:`hf_svdq.nn.siblings.unlink_siblings`), alternated in this process, 1 and 2 threads."""
+    from hf_svdq.nn.siblings import link_siblings, unlink_siblings
+
+    ids = torch.tensor([[1, 504, 3458, 282, 2115, 314]])
+    rows = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        times: dict[str, list[float]] = {"linked": [], "separate": []}
+        _decode_s(model, ids, 8)
+        for _ in range(pairs):
+            for name, prepare in (("linked", link_siblings), ("separate", unlink_siblings)):
+                prepare(model)
+                times[name].append(1e3 * _decode_s(model, ids, tokens))
+        link_siblings(model)
+        a, b = statistics.median(times["separate"]), statistics.median(times["linked"])
+        rows.append({"what": "linked", "threads": threads, "separate ms per token": a, "linked ms per token": b,
+                     "separate / linked": statistics.median(s / t for s, t in zip(times["separate"], times["linked"]))})
+    torch.set_num_threads(1)
+    return rows
+
+
+class QuantizedHeadCopy(nn.Module):
+    """The float head plus an in-memory group-quantized copy (RTN) that decode-sized inputs read."""
+
+    def __init__(self, head: nn.Linear, bits: int, group_size: int) -> None:
+        from hf_svdq.algorithms.groupquant import pack_codes, quantize_rtn
+
+        super().__init__()
+        self.weight, self.bits = head.weight, bits
+        quantized = quantize_rtn(head.weight.detach().float(), bits, group_size)
+        self.codes = pack_codes(quantized.codes, bits, group_size)
+        self.scale, self.zero = quantized.scale.to(torch.float16), quantized.zero.to(torch.uint8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from hf_svdq.kernels.ops import residual_linear, uses_fused_kernels
+
+        if uses_fused_kernels(x):
+            return residual_linear(x, self.codes, self.scale, self.zero, self.bits)
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def _decode_s(model: Any, ids: torch.Tensor, tokens: int) -> float:
+    with torch.no_grad():
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    return (time.perf_counter() - start) / tokens
+
+
+def heads(model: Any, text_dir: Path, tokens: int) -> list[dict[str, Any]]:
+    """Decode speed (paired against the float head) and perplexity of each head variant."""
+    from transformers import AutoTokenizer
+
+    from hf_svdq.kernels import backend
+    from hf_svdq.nn.head import SVDQInt8Head
+    from hf_svdq.real_model import smollm2_checkpoint
+
+    float_head = model.lm_head
+    variants = {"float head": float_head, "INT8 per-row head (int8_head)": SVDQInt8Head(float_head),
+                "INT4 g64 head": QuantizedHeadCopy(float_head, 4, 64), "INT4 g32 head": QuantizedHeadCopy(float_head, 4, 32)}
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint())
+    held_out = tokenizer((text_dir / "emma.txt").read_text()[20000:60000], return_tensors="pt").input_ids[:, :1025]
+    ids = torch.tensor([[1, 504, 3458, 282, 2115, 314]])
+    rows = []
+    for name, head in variants.items():
+        model.lm_head = head
+        os.environ[backend.ROWS_ENV] = "1024"  # every row through the decode kernels, as decode runs them
+        backend.reset()
+        with torch.no_grad():
+            logits = model(held_out[:, :-1]).logits[0].double()
+        ppl = float(F.cross_entropy(logits, held_out[0, 1:]).exp())
+        os.environ.pop(backend.ROWS_ENV)
+        backend.reset()
+        ratios = []
+        _decode_s(model, ids, 8)
+        for _ in range(3):
+            model.lm_head = float_head
+            base = _decode_s(model, ids, tokens)
+            model.lm_head = head
+            ratios.append(base / _decode_s(model, ids, tokens))
+        model.lm_head = head
+        ms = 1e3 * statistics.median(_decode_s(model, ids, tokens) for _ in range(3))
+        extra = sum(t.numel() * t.element_size() for t in (getattr(head, n, None) for n in ("codes", "scale", "zero",
+                    "code_scale", "code_zero")) if isinstance(t, torch.Tensor))
+        rows.append({"what": "head", "head": name, "perplexity": ppl, "ms per token": ms, "paired vs float head": statistics.median(ratios),
+                     "in-memory copy MB": extra / 1e6})
+    model.lm_head = float_head
+    return rows
+
+
+def main() -> None:
+    from _results import emit
+    from decode_split import compressed_folder
+    from load_and_decode import TEXT
+    from moe_decode import cpu
+    from transformers import AutoModelForCausalLM
+
+    import hf_svdq  # noqa: F401
+    from hf_svdq.kernels import backend, cpp
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--what", default="calls,linked,head")
+    parser.add_argument("--passes", type=int, default=15)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--results", type=Path, default=HERE / "results" / "further-steps.jsonl")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(compressed_folder())
+    chosen = backend.active()
+    if chosen.compiled is None:
+        raise SystemExit(f"the compiled kernels are not active ({chosen.reason})")
+    header = {"cpu": cpu(), "isa": cpp.isa_name(chosen.isa)}
+    print(f"CPU: {header['cpu']}; hf_svdq kernels: compiled, {header['isa']}", flush=True)
+    whats = args.what.split(",")
+    rows = (calls(model, args.passes) if "calls" in whats else []) + (linked(model, args.tokens) if "linked" in whats else [])
+    rows += heads(model, TEXT, args.tokens) if "head" in whats else []
+    for row in rows:
+        emit({"benchmark": "further-steps", **header, **row}, args.results)
+
+
+if __name__ == "__main__":
+    main()
