@@ -6,16 +6,16 @@
   1-row inputs over the 30 blocks' own weights (out of cache, as in decode), alternated, median of
   ``--passes``, 1 and 2 threads. The block-diagonal correction does 3x (q/k/v) and 2x (gate/up) the
   correction work and reads +7% bytes a fused kernel would not, so the measured saving is a lower bound.
-* **linked** (the library's sibling links, :mod:`hf_svdq.nn.siblings`): ``generate()`` ms per token with q/k/v
-  and gate/up computed in one compiled call each, as loaded, and with the links removed, alternated in one
-  process (9 pairs, 64 greedy tokens), 1 and 2 threads.
+  Realizing it inside transformers, whose modeling code calls each projection as its own module, was tried
+  (commit 64c9c45: the first sibling's call computed the set in one compiled call, the others returned the
+  kept outputs): ``generate()`` paired with and without it gave 0.97x / 0.965x (9 pairs), so it was removed.
 * **head** (an INT4 head): the tied 49152x576 head as an in-memory INT4 copy (RTN, group 32 or 64, the residual
   layout, read by the same kernels) against the float head and the library's INT8 per-row copy
   (``int8_head=True``): decode ms per token paired in one process (``generate()``, 64 greedy tokens, median of
   3 alternations) and perplexity over 1,024 held-out tokens of *Emma* with every row through the decode
   kernels, against the float head (the body is the same model in every row).
 
-    python benchmarks/further_steps.py [--what calls,linked,head] [--passes 15]
+    python benchmarks/further_steps.py [--what calls,head] [--passes 15]
 
 Prints the CPU first; JSON rows go to ``benchmarks/results/further-steps.jsonl``.
 """
@@ -90,29 +90,6 @@ def calls(model: Any, passes: int) -> list[dict[str, Any]]:
         a, b = statistics.median(times["210 calls"]), statistics.median(times["120 calls"])
         rows.append({"what": "calls", "threads": threads, "210 calls ms": a, "120 calls ms": b, "saved ms": a - b,
                      "saved us per call": 1e3 * (a - b) / 90})
-    torch.set_num_threads(1)
-    return rows
-
-
-def linked(model: Any, tokens: int, pairs: int = 9) -> list[dict[str, Any]]:
-    """``generate()`` ms per token with the library's sibling links (q/k/v and gate/up in one call each, as loaded)
-    and without them (:func:`hf_svdq.nn.siblings.unlink_siblings`), alternated in this process, 1 and 2 threads."""
-    from hf_svdq.nn.siblings import link_siblings, unlink_siblings
-
-    ids = torch.tensor([[1, 504, 3458, 282, 2115, 314]])
-    rows = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        times: dict[str, list[float]] = {"linked": [], "separate": []}
-        _decode_s(model, ids, 8)
-        for _ in range(pairs):
-            for name, prepare in (("linked", link_siblings), ("separate", unlink_siblings)):
-                prepare(model)
-                times[name].append(1e3 * _decode_s(model, ids, tokens))
-        link_siblings(model)
-        a, b = statistics.median(times["separate"]), statistics.median(times["linked"])
-        rows.append({"what": "linked", "threads": threads, "separate ms per token": a, "linked ms per token": b,
-                     "separate / linked": statistics.median(s / t for s, t in zip(times["separate"], times["linked"]))})
     torch.set_num_threads(1)
     return rows
 
@@ -196,7 +173,7 @@ def main() -> None:
     from hf_svdq.kernels import backend, cpp
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--what", default="calls,linked,head")
+    parser.add_argument("--what", default="calls,head")
     parser.add_argument("--passes", type=int, default=15)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--results", type=Path, default=HERE / "results" / "further-steps.jsonl")
@@ -209,8 +186,7 @@ def main() -> None:
     header = {"cpu": cpu(), "isa": cpp.isa_name(chosen.isa)}
     print(f"CPU: {header['cpu']}; hf_svdq kernels: compiled, {header['isa']}", flush=True)
     whats = args.what.split(",")
-    rows = (calls(model, args.passes) if "calls" in whats else []) + (linked(model, args.tokens) if "linked" in whats else [])
-    rows += heads(model, TEXT, args.tokens) if "head" in whats else []
+    rows = (calls(model, args.passes) if "calls" in whats else []) + (heads(model, TEXT, args.tokens) if "head" in whats else [])
     for row in rows:
         emit({"benchmark": "further-steps", **header, **row}, args.results)
 

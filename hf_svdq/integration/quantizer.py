@@ -128,13 +128,13 @@ class SVDQuantizer(HfQuantizer):
             record_result(model, config, result)
             keep_fused_expert_names(model)
             _attach_hub(model)
-            _prepare_decode(model, config)
+            _maybe_int8_head(model, config)
             return
         if not self.pre_quantized:
             record_coverage(model, config, self._decisions, {})
         keep_fused_expert_names(model)
         _attach_hub(model)
-        _prepare_decode(model, config)
+        _maybe_int8_head(model, config)
         for name, module in model.named_modules():
             if isinstance(module, SVDQExperts):
                 unfilled = set(module.formats) - getattr(module, "_hf_svdq_filled", set())
@@ -287,11 +287,7 @@ def _swap_in(model: nn.Module, decision: LayerDecision, dense_placeholder: bool)
     model.set_submodule(name, new)
 
 
-def _prepare_decode(model: nn.Module, config: SVDQuantConfig) -> None:
-    """Decode-time links that change nothing stored: sibling projections in one kernel call, the INT8 head copy."""
-    from ..nn.siblings import link_siblings
-
-    link_siblings(model)
+def _maybe_int8_head(model: nn.Module, config: SVDQuantConfig) -> None:
     if config.int8_head:
         from ..nn.head import install_int8_head
 

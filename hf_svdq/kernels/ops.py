@@ -134,24 +134,6 @@ def _compiled(chosen, x, out_features, base, u, u_scale, vh, vh_scale, bias):  #
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-def residual_siblings(x: torch.Tensor, bits: int, layers: list[tuple]) -> list[torch.Tensor] | None:
-    """Several residual layers reading the same ``x`` (q/k/v, gate/up) in one compiled call: ``x`` quantized
-    once, one parallel launch; each output equals that layer's own :func:`residual_linear` on this path.
-    ``layers``: per layer ``(codes, scale, zero, u, u_scale, vh, vh_scale, bias)``, all with ``bits`` and one
-    group size. None where the compiled kernels would not take ``x`` (then call each layer alone)."""
-    if not _eager_cpu(x):
-        return None
-    chosen = _use_fused(x)
-    _, groups, width = layers[0][0].shape
-    group_size = width * 8 // bits
-    if chosen is None or chosen.compiled is None or not _compiled_fits(groups * group_size, group_size):
-        return None
-    flat = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
-    tensors = [(c, s, z, c.shape[0], u, us, vh, vs, b) for c, s, z, u, us, vh, vs, b in layers]
-    outs = chosen.compiled.forward_siblings(flat, tensors, bits, group_size, chosen.isa, backend.PARALLEL_MIN_WEIGHTS)
-    return outs if x.dtype == torch.float32 else [y.to(x.dtype) for y in outs]
-
-
 def _dequantize_then_gemm(kernels, x, codes, scale, zero, bits, u, u_scale, vh, vh_scale, bias):  # type: ignore[no-untyped-def]
     """Large float32 inputs (prefill): the base dequantized by numba into a temporary float32 weight
     (3-6x faster than the PyTorch reference's dequantization), then PyTorch's GEMM; freed on return."""

@@ -80,11 +80,6 @@ class SVDQResidualLinear(nn.Module):
         return dequantize_group_codes(self.weight, self.weight_scale, self.weight_zero, self.bits, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        siblings = self.__dict__.get("_svdq_siblings")  # set by nn.siblings.link_siblings: q/k/v, gate/up in one call
-        if siblings is not None:
-            out = siblings[0].output(siblings[1], x)
-            if out is not None:
-                return out
         p: Any = self._parameters  # direct: nn.Module.__getattr__ per tensor cost ~4-5 us per call (measured)
         if self.rank:
             return residual_linear(x, p["weight"], p["weight_scale"], p["weight_zero"], self.bits, p["weight_u"],

@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <tuple>
 #include <vector>
 
 namespace {
@@ -164,26 +163,16 @@ void quantize_activations(const float* x, int rows, int in, int group_size, int8
   }
 }
 
-// One parallel_for over the rows of several layers laid end to end (`sizes[i]` rows of `jobs[i]`), each
-// thread taking a contiguous stretch; small work (`weights` below `min_parallel`) stays on this thread.
-void run(Range range, const std::vector<Job>& jobs, const std::vector<int64_t>& sizes, int64_t weights,
-         int64_t min_parallel) {
-  std::vector<int64_t> starts(1, 0);
-  for (int64_t size : sizes) starts.push_back(starts.back() + size);
-  const int64_t n = starts.back();
+// One parallel_for over `n` items; small layers (`weights` below `min_parallel`) stay on this thread.
+void run(Range range, const Job& job, int64_t n, int64_t weights, int64_t min_parallel) {
   if (n <= 0) return;
-  auto body = [&](int64_t begin, int64_t end) {
-    for (size_t i = 0; i < jobs.size(); ++i) {
-      const int64_t lo = std::max(begin, starts[i]), hi = std::min(end, starts[i + 1]);
-      if (lo < hi) range(jobs[i], lo - starts[i], hi - starts[i]);
-    }
-  };
   const int64_t threads = at::get_num_threads();
   if (threads <= 1 || weights < min_parallel) {
-    body(0, n);
+    range(job, 0, n);
     return;
   }
-  at::parallel_for(0, n, std::max<int64_t>(1, (n + threads - 1) / threads), body);
+  const int64_t grain = std::max<int64_t>(1, (n + threads - 1) / threads);
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { range(job, begin, end); });
 }
 
 // A small float vector as float32 (converted when stored in another dtype), kept alive in `keep`.
@@ -201,15 +190,20 @@ T* scratch(std::vector<T>& buffer, int64_t n) {
   return buffer.data();
 }
 
-// One layer's tensors, checked: a residual layer (codes, scale, zero; u..vh_scale optional) or a low-rank one
-// (codes absent). `keep` holds the float32 copies its Job points to.
-using Tensors = std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>, int64_t,
-                           c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
-                           c10::optional<at::Tensor>, c10::optional<at::Tensor>>;
-
-Job describe(const Tensors& layer, int in, int64_t bits, int64_t group_size, std::vector<at::Tensor>& keep) {
-  const auto& [codes, scale, zero, out_features, u, u_scale, vh, vh_scale, bias] = layer;
+// y = x (Q + L R)^T + bias (codes given) or x (L R)^T + bias (codes absent): x float32 [..., in] -> [..., out].
+at::Tensor forward(const at::Tensor& x, const c10::optional<at::Tensor>& codes, const c10::optional<at::Tensor>& scale,
+                   const c10::optional<at::Tensor>& zero, int64_t bits, int64_t group_size, int64_t out_features,
+                   const c10::optional<at::Tensor>& u, const c10::optional<at::Tensor>& u_scale,
+                   const c10::optional<at::Tensor>& vh, const c10::optional<at::Tensor>& vh_scale,
+                   const c10::optional<at::Tensor>& bias, int64_t isa, int64_t min_parallel) {
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 [..., in]");
+  TORCH_CHECK(supports(isa), "this CPU does not support instruction set ", isa);
+  const int in = static_cast<int>(x.size(-1));
+  const int rows = in ? static_cast<int>(x.numel() / in) : 0;
+  TORCH_CHECK(in % 32 == 0, "the input width must be a multiple of 32, got ", in);
   Job job;
+  at::Tensor keep_u_scale, keep_vh_scale, keep_bias;
+  job.rows = rows;
   job.in = in;
   job.out_features = static_cast<int>(out_features);
   if (codes.has_value()) {
@@ -235,87 +229,33 @@ Job describe(const Tensors& layer, int in, int64_t bits, int64_t group_size, std
     job.rank = static_cast<int>(vh->size(0));
     job.u = u->data_ptr<int8_t>();
     job.vh = vh->data_ptr<int8_t>();
-    keep.emplace_back();
-    job.u_scale = float_ptr(u_scale, "u_scale", out_features, keep.back());
-    keep.emplace_back();
-    job.vh_scale = float_ptr(vh_scale, "vh_scale", job.rank, keep.back());
+    job.u_scale = float_ptr(u_scale, "u_scale", out_features, keep_u_scale);
+    job.vh_scale = float_ptr(vh_scale, "vh_scale", job.rank, keep_vh_scale);
     TORCH_CHECK(job.u_scale && job.vh_scale, "u_scale and vh_scale are required with u and vh");
   }
   TORCH_CHECK(job.codes || job.rank, "neither a base nor a low-rank part was given");
-  keep.emplace_back();
-  job.bias = float_ptr(bias, "bias", out_features, keep.back());
-  return job;
-}
+  job.bias = float_ptr(bias, "bias", out_features, keep_bias);
 
-// Layers reading the same x (all residual with one bits and group_size, or one low-rank layer): x is
-// quantized once, then one parallel_for computes every layer's corrections' hidden values and one every
-// output row. Returns each layer's [..., out] float32 output.
-std::vector<at::Tensor> run_layers(const at::Tensor& x, const std::vector<Tensors>& layers, int64_t bits,
-                                   int64_t group_size, int64_t isa, int64_t min_parallel) {
-  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 [..., in]");
-  TORCH_CHECK(supports(isa), "this CPU does not support instruction set ", isa);
-  TORCH_CHECK(!layers.empty(), "no layer was given");
-  const int in = static_cast<int>(x.size(-1));
-  const int rows = in ? static_cast<int>(x.numel() / in) : 0;
-  TORCH_CHECK(in % 32 == 0, "the input width must be a multiple of 32, got ", in);
-  std::vector<at::Tensor> keep, outs;
-  std::vector<Job> jobs;
-  std::vector<int64_t> ranks, outs_rows;
-  int64_t hidden_weights = 0, weights = 0, total_rank = 0;
-  for (const Tensors& layer : layers) {
-    jobs.push_back(describe(layer, in, bits, group_size, keep));
-    const Job& job = jobs.back();
-    TORCH_CHECK(job.codes || layers.size() == 1, "low-rank layers run one at a time");
-    ranks.push_back(job.rank);
-    outs_rows.push_back(job.out_features);
-    total_rank += job.rank;
-    hidden_weights += static_cast<int64_t>(job.rank) * in;
-    weights += static_cast<int64_t>(job.out_features) * ((job.codes ? in : 0) + job.rank);
-  }
   thread_local std::vector<int8_t> xq, xq4;
   thread_local std::vector<float> xd, xsum, t;
   const int64_t n = static_cast<int64_t>(rows) * in;
-  const Job& first = jobs.front();
-  int8_t* codes = scratch(xq, n);
-  int8_t* codes4 = first.bits == 4 ? scratch(xq4, n) : codes;
-  float* scales = scratch(xd, n / 32);
-  float* sums = scratch(xsum, static_cast<int64_t>(rows) * std::max(first.groups, 1));
-  float* hidden = scratch(t, static_cast<int64_t>(rows) * std::max<int64_t>(total_rank, 1));
-  quantize_activations(x.data_ptr<float>(), rows, in, first.group_size, codes, first.bits == 4 ? codes4 : nullptr, scales, sums);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  for (Job& job : jobs) {
-    shape.back() = job.out_features;
-    outs.push_back(at::empty(shape, x.options()));
-    job.rows = rows;
-    job.xq = codes;
-    job.xq4 = codes4;
-    job.xd = scales;
-    job.xsum = sums;
-    job.t = hidden;
-    hidden += static_cast<int64_t>(rows) * job.rank;
-    job.out = outs.back().data_ptr<float>();
-  }
+  shape.back() = out_features;
+  at::Tensor out = at::empty(shape, x.options());
+  job.xq = scratch(xq, n);
+  job.xq4 = job.bits == 4 ? scratch(xq4, n) : job.xq;
+  job.xd = scratch(xd, n / 32);
+  job.xsum = scratch(xsum, static_cast<int64_t>(rows) * std::max(job.groups, 1));
+  job.t = scratch(t, static_cast<int64_t>(rows) * std::max(job.rank, 1));
+  job.out = out.data_ptr<float>();
+  quantize_activations(x.data_ptr<float>(), rows, in, job.group_size, const_cast<int8_t*>(job.xq),
+                       job.bits == 4 ? const_cast<int8_t*>(job.xq4) : nullptr, const_cast<float*>(job.xd),
+                       const_cast<float*>(job.xsum));
   const Kernels k = kernels_for(isa);
-  if (total_rank) run(k.hidden, jobs, ranks, hidden_weights, min_parallel);
-  run(k.residual, jobs, outs_rows, weights, min_parallel);
-  return outs;
-}
-
-// y = x (Q + L R)^T + bias (codes given) or x (L R)^T + bias (codes absent): x float32 [..., in] -> [..., out].
-at::Tensor forward(const at::Tensor& x, const c10::optional<at::Tensor>& codes, const c10::optional<at::Tensor>& scale,
-                   const c10::optional<at::Tensor>& zero, int64_t bits, int64_t group_size, int64_t out_features,
-                   const c10::optional<at::Tensor>& u, const c10::optional<at::Tensor>& u_scale,
-                   const c10::optional<at::Tensor>& vh, const c10::optional<at::Tensor>& vh_scale,
-                   const c10::optional<at::Tensor>& bias, int64_t isa, int64_t min_parallel) {
-  return run_layers(x, {Tensors(codes, scale, zero, out_features, u, u_scale, vh, vh_scale, bias)}, bits, group_size,
-                    isa, min_parallel)[0];
-}
-
-// Residual layers that read the same x (q/k/v, gate/up) in one call: the outputs equal separate forward() calls.
-std::vector<at::Tensor> forward_siblings(const at::Tensor& x, const std::vector<Tensors>& layers, int64_t bits,
-                                         int64_t group_size, int64_t isa, int64_t min_parallel) {
-  for (const Tensors& layer : layers) TORCH_CHECK(std::get<0>(layer).has_value(), "siblings must be residual layers");
-  return run_layers(x, layers, bits, group_size, isa, min_parallel);
+  if (job.rank) run(k.hidden, job, job.rank, static_cast<int64_t>(job.rank) * in, min_parallel);
+  const int64_t weights = out_features * static_cast<int64_t>(in) * (job.codes ? 1 : 0) + out_features * job.rank;
+  run(k.residual, job, out_features, weights, min_parallel);
+  return out;
 }
 
 }  // namespace
@@ -323,7 +263,6 @@ std::vector<at::Tensor> forward_siblings(const at::Tensor& x, const std::vector<
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hf_svdq integer dot-product decode kernels (CPU)";
   m.def("forward", &forward, "x (Q + L R)^T + bias with int8 activations");
-  m.def("forward_siblings", &forward_siblings, "several residual layers reading the same x, in one call");
   m.def("best_isa", &best_isa, "the fastest instruction set this CPU supports (0 scalar, 1 AVX2, 2 AVX-VNNI, 3 AVX-512 VNNI)");
   m.def("supports", &supports, "whether this CPU supports an instruction set");
 }
