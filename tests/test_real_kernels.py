@@ -121,6 +121,8 @@ def test_compiled_kernels_keep_perplexity_and_greedy_tokens(smollm2_int4_r24, sm
     top2 = results["reference"][0].topk(2, -1).indices
     gaps = [logits.gather(1, top2[:, :1]) - logits.gather(1, top2[:, 1:]) for logits, _ in results.values()]
     tie = float((gaps[0] - gaps[1]).abs().max())
+    print(f"perplexity {ppl['cpp']:.4f} vs reference {ppl['reference']:.4f} ({ppl['cpp'] / ppl['reference'] - 1:+.4%}); "
+          f"largest top-two gap change {tie:.4f}")
     assert tie < 1.0, tie  # the kernels' perturbation of the logits stays small (measured 0.43)
     mine, theirs = results["cpp"][1].tolist(), results["reference"][1].tolist()
     agree = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), len(theirs))
