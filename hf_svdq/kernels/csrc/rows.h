@@ -56,52 +56,56 @@ static inline float half_to_float(uint16_t h) {
 }
 #endif
 
+// The group scales of `n` rows (fp16, rows `groups` apart) as float32 into `sc`: once per tile of output rows,
+// shared by every input row.
+static inline void tile_scales(const uint16_t* scale, int groups, int n, float* sc) {
+  const int total = n * groups;
+  int i = 0;
 #if SVDQ_AVX2
-// The group terms of R rows, vectorized over groups: their scales as float32 into `sc` (R rows of
-// `groups`) and each row's zero-point term sum_g s[g] z[g] xsum[g] into `offset`.
+  for (; i + 8 <= total; i += 8)
+    _mm256_storeu_ps(sc + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale + i))));
+#endif
+  for (; i < total; ++i) sc[i] = half_to_float(scale[i]);
+}
+
+// Each of R rows' zero-point term sum_g s[g] z[g] xsum[g] (float32 scales `sc`), vectorized over groups.
 template <int R, int bits>
-static inline void group_terms(const uint16_t* scale, const uint8_t* zero, int groups, const float* xsum, float* sc,
-                               float* offset) {
-  const float shift = (bits == 8 && !SVDQ_VNNI) ? 128.f : 0.f;  // maddubs meets INT8 codes as codes - 128
+static inline void zero_terms(const float* sc, const uint8_t* zero, int groups, const float* xsum, float* offset) {
+  const float shift = (bits == 8 && SVDQ_AVX2 && !SVDQ_VNNI) ? 128.f : 0.f;  // maddubs meets INT8 codes as codes - 128
   for (int r = 0; r < R; ++r) {
-    const uint16_t* s_row = scale + r * groups;
+    const float* s_row = sc + r * groups;
     const uint8_t* z_row = zero + r * groups;
-    float* sc_row = sc + r * groups;
-    __m256 sum = _mm256_setzero_ps();
+    float sum = 0.f;
     int g = 0;
+#if SVDQ_AVX2
+    __m256 acc = _mm256_setzero_ps();
     for (; g + 8 <= groups; g += 8) {
-      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s_row + g)));
-      _mm256_storeu_ps(sc_row + g, s);
       const __m256 z = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z_row + g)))),
                                      _mm256_set1_ps(shift));
-      sum = _mm256_fmadd_ps(_mm256_mul_ps(s, z), _mm256_loadu_ps(xsum + g), sum);
+      acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s_row + g), z), _mm256_loadu_ps(xsum + g), acc);
     }
-    float tail = 0.f;
-    for (; g < groups; ++g) {
-      sc_row[g] = half_to_float(s_row[g]);
-      tail += sc_row[g] * (static_cast<float>(z_row[g]) - shift) * xsum[g];
-    }
-    offset[r] = hsum(sum) + tail;
+    sum = hsum(acc);
+#endif
+    for (; g < groups; ++g) sum += s_row[g] * (static_cast<float>(z_row[g]) - shift) * xsum[g];
+    offset[r] = sum;
   }
 }
-#endif
 
 // R consecutive output rows of the group-quantized base for one input row, into y[0..R). `codes`: the
 // first row's packed codes (INT4: two per byte, element 2j in the low nibble of byte j; INT8: one per
 // byte), rows `codes_per_row` bytes apart; `xq4`: the activation codes in the INT4 codes' order (groups of
 // an even number of blocks: per 64 elements the 32 even ones, then the 32 odd ones; otherwise per block of
-// 32: the 16 even, then the 16 odd), used for INT4; `scale`, `zero`: the first row's, rows `groups` apart;
-// `sc`: scratch for R rows' float32 scales. Several rows at once share each activation load and give the
-// FMA chains independent accumulators.
+// 32: the 16 even, then the 16 odd), used for INT4; `sc` (the group scales as float32, tile_scales), `zero`:
+// the first row's, rows `groups` apart. Several rows at once share each activation load and give the FMA
+// chains independent accumulators.
 template <int R, int bits>
-static inline void base_rows(const uint8_t* codes, int64_t codes_per_row, const uint16_t* scale, const uint8_t* zero,
+static inline void base_rows(const uint8_t* codes, int64_t codes_per_row, const float* sc, const uint8_t* zero,
                              int groups, int group_size, const int8_t* xq, const int8_t* xq4, const float* xd,
-                             const float* xsum, float* sc, float* y) {
+                             const float* xsum, float* y) {
   const int blocks_per_group = group_size / 32;
   float offset[R];
-  for (int r = 0; r < R; ++r) offset[r] = 0.f;
+  zero_terms<R, bits>(sc, zero, groups, xsum, offset);
 #if SVDQ_AVX2
-  group_terms<R, bits>(scale, zero, groups, xsum, sc, offset);
   __m256 total[R];
   for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0F), nibble_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
@@ -164,9 +168,7 @@ static inline void base_rows(const uint8_t* codes, int64_t codes_per_row, const 
         }
         acc += static_cast<float>(sum) * xd[block];
       }
-      const float s = half_to_float(scale[r * groups + g]);
-      total += s * acc;
-      offset[r] += s * static_cast<float>(zero[r * groups + g]) * xsum[g];
+      total += sc[r * groups + g] * acc;
     }
     y[r] = total - offset[r];
   }
@@ -212,16 +214,16 @@ static float mixed_dot(const int8_t* u, const float* t, int r) {
 
 // n <= R consecutive output rows: R at once when n == R, else one by one.
 template <int R, int bits>
-static inline void base_group(const uint8_t* codes, int64_t codes_per_row, const uint16_t* scale, const uint8_t* zero,
+static inline void base_group(const uint8_t* codes, int64_t codes_per_row, const float* sc, const uint8_t* zero,
                               const Job& job, int n, const int8_t* xq, const int8_t* xq4, const float* xd,
-                              const float* xsum, float* sc, float* y) {
+                              const float* xsum, float* y) {
   if (n == R) {
-    base_rows<R, bits>(codes, codes_per_row, scale, zero, job.groups, job.group_size, xq, xq4, xd, xsum, sc, y);
+    base_rows<R, bits>(codes, codes_per_row, sc, zero, job.groups, job.group_size, xq, xq4, xd, xsum, y);
     return;
   }
   for (int r = 0; r < n; ++r)
-    base_rows<1, bits>(codes + r * codes_per_row, codes_per_row, scale + r * job.groups, zero + r * job.groups,
-                       job.groups, job.group_size, xq, xq4, xd, xsum, sc, y + r);
+    base_rows<1, bits>(codes + r * codes_per_row, codes_per_row, sc + r * job.groups, zero + r * job.groups,
+                       job.groups, job.group_size, xq, xq4, xd, xsum, y + r);
 }
 
 // Asks for the `bytes` at `from` + kPrefetchTiles tiles (the rows two tiles ahead), never past `limit`: the
@@ -238,15 +240,16 @@ static inline void prefetch_ahead(const uint8_t* from, int64_t bytes, const uint
 static void residual_range(const Job& job, int64_t begin, int64_t end) {
   const int64_t codes_per_row = static_cast<int64_t>(job.groups) * job.group_size * job.bits / 8;
   constexpr int R = 4;
-  thread_local std::vector<float> scales;  // R rows' group scales as float32 (grown, never shrunk)
-  if (static_cast<int64_t>(scales.size()) < R * job.groups) scales.resize(static_cast<size_t>(R * job.groups));
-  float* sc = scales.data();
+  thread_local std::vector<float> scales;
+  float* sc = scratch(scales, static_cast<int64_t>(R) * job.groups);
   for (int64_t o = begin; o < end; o += R) {
     const int n = static_cast<int>(std::min<int64_t>(R, end - o));
     const uint8_t* codes = job.codes ? job.codes + o * codes_per_row : nullptr;
-    const uint16_t* scale = job.codes ? job.scale + o * job.groups : nullptr;
     const uint8_t* zero = job.codes ? job.zero + o * job.groups : nullptr;
-    if (codes) prefetch_ahead(codes, R * codes_per_row, job.codes + end * codes_per_row);
+    if (codes) {
+      prefetch_ahead(codes, R * codes_per_row, job.codes + end * codes_per_row);
+      tile_scales(job.scale + o * job.groups, job.groups, n, sc);
+    }
     for (int m = 0; m < job.rows; ++m) {
       float y[R] = {0.f, 0.f, 0.f, 0.f};
       if (job.codes) {
@@ -254,8 +257,8 @@ static void residual_range(const Job& job, int64_t begin, int64_t end) {
         const int8_t* xq4 = job.xq4 + static_cast<int64_t>(m) * job.in;
         const float* xd = job.xd + static_cast<int64_t>(m) * (job.in / 32);
         const float* xsum = job.xsum + static_cast<int64_t>(m) * job.groups;
-        if (job.bits == 4) base_group<R, 4>(codes, codes_per_row, scale, zero, job, n, xq, xq4, xd, xsum, sc, y);
-        else base_group<R, 8>(codes, codes_per_row, scale, zero, job, n, xq, xq4, xd, xsum, sc, y);
+        if (job.bits == 4) base_group<R, 4>(codes, codes_per_row, sc, zero, job, n, xq, xq4, xd, xsum, y);
+        else base_group<R, 8>(codes, codes_per_row, sc, zero, job, n, xq, xq4, xd, xsum, y);
       }
       for (int r = 0; r < n; ++r) {
         float value = y[r];

@@ -38,6 +38,13 @@ struct Job {
   float* out = nullptr;           // [rows, out]
 };
 
+// Per-thread scratch (grown, never shrunk): no allocation per call.
+template <typename T>
+T* scratch(std::vector<T>& buffer, int64_t n) {
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(static_cast<size_t>(n));
+  return buffer.data();
+}
+
 }  // namespace
 
 #define SVDQ_NS isa_scalar
@@ -181,13 +188,6 @@ const float* float_ptr(const c10::optional<at::Tensor>& t, const char* name, int
   TORCH_CHECK(t->is_floating_point() && t->numel() == expected, name, " must be a float tensor of ", expected, " elements");
   keep = t->to(at::kFloat).contiguous();
   return keep.data_ptr<float>();
-}
-
-// Per-thread scratch for the quantized activations (grown, never shrunk): no allocation per call.
-template <typename T>
-T* scratch(std::vector<T>& buffer, int64_t n) {
-  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(static_cast<size_t>(n));
-  return buffer.data();
 }
 
 // y = x (Q + L R)^T + bias (codes given) or x (L R)^T + bias (codes absent): x float32 [..., in] -> [..., out].
