@@ -1,5 +1,7 @@
 """What the next decode steps would buy, measured on SmolLM2-135M-Instruct INT4 g64 + r24 (compiled kernels).
 
+* **percall**: one decode call of a real 192x576 layer through its module, through the dispatch function, the
+  compiled kernel alone and the kernel on a 4x576 layer (its fixed cost), weights in cache: the Python per call.
 * **calls** (fused q/k/v and gate/up): the blocks' 210 linear calls a token (q, k, v, o, gate, up, down) against
   120, with q/k/v stacked into one layer and gate/up into one (codes, scales and zeros stacked; the corrections
   stacked block-diagonally, so a fused call computes exactly the separate outputs: checked). Module calls on
@@ -15,7 +17,7 @@
   3 alternations) and perplexity over 1,024 held-out tokens of *Emma* with every row through the decode
   kernels, against the float head (the body is the same model in every row).
 
-    python benchmarks/further_steps.py [--what calls,head] [--passes 15]
+    python benchmarks/further_steps.py [--what percall,calls,head] [--passes 15]
 
 Prints the CPU first; JSON rows go to ``benchmarks/results/further-steps.jsonl``.
 """
@@ -94,31 +96,51 @@ def calls(model: Any, passes: int) -> list[dict[str, Any]]:
     return rows
 
 
-class QuantizedHeadCopy(nn.Module):
-    """The float head plus an in-memory group-quantized copy (RTN) that decode-sized inputs read."""
+def per_call(model: Any, number: int = 20000) -> list[dict[str, Any]]:
+    """Microseconds of one decode call of a real 192x576 layer (k_proj of block 0), 1-row input, weights in cache:
+    through its module, through ``hf_svdq.kernels.ops.residual_linear``, the compiled kernel alone, and the kernel
+    on a 4x576 layer (its fixed cost: argument passing, activation quantization); best of 7 repeats."""
+    import timeit
 
-    def __init__(self, head: nn.Linear, bits: int, group_size: int) -> None:
-        from hf_svdq.algorithms.groupquant import pack_codes, quantize_rtn
+    from hf_svdq.kernels import backend, ops
 
-        super().__init__()
-        self.weight, self.bits = head.weight, bits
-        quantized = quantize_rtn(head.weight.detach().float(), bits, group_size)
-        self.codes = pack_codes(quantized.codes, bits, group_size)
-        self.scale, self.zero = quantized.scale.to(torch.float16), quantized.zero.to(torch.uint8)
+    layer = model.model.layers[0].self_attn.k_proj
+    p = layer._parameters
+    x = torch.randn(1, 1, layer.in_features)
+    args = (p["weight"], p["weight_scale"], p["weight_zero"], layer.bits, p["weight_u"], p["weight_u_scale"],
+            p["weight_vh"], p["weight_vh_scale"], None)
+    chosen = backend.active()
+    kernel = (x, args[0], args[1], args[2], layer.bits, layer.group_size, layer.out_features, *args[4:8], None,
+              chosen.isa, backend.PARALLEL_MIN_WEIGHTS)
+    small = (x, args[0][:4].contiguous(), args[1][:4].contiguous(), args[2][:4].contiguous(), layer.bits,
+             layer.group_size, 4, args[4][:4].contiguous(), args[5][:4].contiguous(), *args[6:8], None, chosen.isa,
+             backend.PARALLEL_MIN_WEIGHTS)
+    calls = {"module": lambda: layer(x), "ops.residual_linear": lambda: ops.residual_linear(x, *args),
+             "kernel": lambda: chosen.compiled.forward(*kernel), "kernel, 4x576 layer": lambda: chosen.compiled.forward(*small)}
+    row: dict[str, Any] = {"what": "per call", "layer": "model.layers.0.self_attn.k_proj"}
+    with torch.no_grad():
+        for name, call in calls.items():
+            row[f"{name} us"] = 1e6 * min(timeit.repeat(call, number=number, repeat=7)) / number
+    row["python us"] = row["module us"] - row["kernel us"]
+    return [row]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from hf_svdq.kernels.ops import residual_linear, uses_fused_kernels
 
-        if uses_fused_kernels(x):
-            return residual_linear(x, self.codes, self.scale, self.zero, self.bits)
-        return F.linear(x, self.weight.to(x.dtype))
+def _int4_head(head: nn.Linear, group_size: int) -> nn.Module:
+    """The library's INT8 head copy with an INT4 group copy (RTN) in its place: what an INT4 head would read."""
+    from hf_svdq.algorithms.groupquant import pack_codes, quantize_rtn
+    from hf_svdq.nn.head import SVDQInt8Head
+
+    copy = SVDQInt8Head(head)
+    quantized = quantize_rtn(head.weight.detach().float(), 4, group_size)
+    copy.codes, copy.bits = pack_codes(quantized.codes, 4, group_size), 4
+    copy.code_scale, copy.code_zero = quantized.scale.to(torch.float16), quantized.zero.to(torch.uint8)
+    return copy
 
 
 def _decode_s(model: Any, ids: torch.Tensor, tokens: int) -> float:
-    with torch.no_grad():
-        start = time.perf_counter()
-        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-    return (time.perf_counter() - start) / tokens
+    from load_and_decode import _decode_tok_s
+
+    return 1 / _decode_tok_s(model, ids, tokens)
 
 
 def heads(model: Any, text_dir: Path, tokens: int) -> list[dict[str, Any]]:
@@ -131,22 +153,25 @@ def heads(model: Any, text_dir: Path, tokens: int) -> list[dict[str, Any]]:
 
     float_head = model.lm_head
     variants = {"float head": float_head, "INT8 per-row head (int8_head)": SVDQInt8Head(float_head),
-                "INT4 g64 head": QuantizedHeadCopy(float_head, 4, 64), "INT4 g32 head": QuantizedHeadCopy(float_head, 4, 32)}
+                "INT4 g64 head": _int4_head(float_head, 64), "INT4 g32 head": _int4_head(float_head, 32)}
     tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint())
     held_out = tokenizer((text_dir / "emma.txt").read_text()[20000:60000], return_tensors="pt").input_ids[:, :1025]
     ids = torch.tensor([[1, 504, 3458, 282, 2115, 314]])
     rows = []
     for name, head in variants.items():
         model.lm_head = head
+        saved = os.environ.get(backend.ROWS_ENV)
         os.environ[backend.ROWS_ENV] = "1024"  # every row through the decode kernels, as decode runs them
         backend.reset()
         with torch.no_grad():
             logits = model(held_out[:, :-1]).logits[0].double()
         ppl = float(F.cross_entropy(logits, held_out[0, 1:]).exp())
-        os.environ.pop(backend.ROWS_ENV)
+        if saved is None:
+            os.environ.pop(backend.ROWS_ENV)
+        else:
+            os.environ[backend.ROWS_ENV] = saved
         backend.reset()
         ratios = []
-        _decode_s(model, ids, 8)
         for _ in range(3):
             model.lm_head = float_head
             base = _decode_s(model, ids, tokens)
@@ -154,8 +179,7 @@ def heads(model: Any, text_dir: Path, tokens: int) -> list[dict[str, Any]]:
             ratios.append(base / _decode_s(model, ids, tokens))
         model.lm_head = head
         ms = 1e3 * statistics.median(_decode_s(model, ids, tokens) for _ in range(3))
-        extra = sum(t.numel() * t.element_size() for t in (getattr(head, n, None) for n in ("codes", "scale", "zero",
-                    "code_scale", "code_zero")) if isinstance(t, torch.Tensor))
+        extra = sum(t.numel() * t.element_size() for t in head.buffers()) if head is not float_head else 0
         rows.append({"what": "head", "head": name, "perplexity": ppl, "ms per token": ms, "paired vs float head": statistics.median(ratios),
                      "in-memory copy MB": extra / 1e6})
     model.lm_head = float_head
@@ -173,7 +197,7 @@ def main() -> None:
     from hf_svdq.kernels import backend, cpp
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--what", default="calls,head")
+    parser.add_argument("--what", default="percall,calls,head")
     parser.add_argument("--passes", type=int, default=15)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--results", type=Path, default=HERE / "results" / "further-steps.jsonl")
@@ -186,7 +210,9 @@ def main() -> None:
     header = {"cpu": cpu(), "isa": cpp.isa_name(chosen.isa)}
     print(f"CPU: {header['cpu']}; hf_svdq kernels: compiled, {header['isa']}", flush=True)
     whats = args.what.split(",")
-    rows = (calls(model, args.passes) if "calls" in whats else []) + (heads(model, TEXT, args.tokens) if "head" in whats else [])
+    rows = per_call(model) if "percall" in whats else []
+    rows += calls(model, args.passes) if "calls" in whats else []
+    rows += heads(model, TEXT, args.tokens) if "head" in whats else []
     for row in rows:
         emit({"benchmark": "further-steps", **header, **row}, args.results)
 

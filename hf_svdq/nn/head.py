@@ -24,6 +24,7 @@ class SVDQInt8Head(nn.Module):
     codes: torch.Tensor
     code_scale: torch.Tensor
     code_zero: torch.Tensor
+    bits = 8
 
     def __init__(self, head: nn.Linear) -> None:
         super().__init__()
@@ -39,7 +40,7 @@ class SVDQInt8Head(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if uses_fused_kernels(x):
-            return residual_linear(x, self.codes, self.code_scale, self.code_zero, 8, bias=self.bias)
+            return residual_linear(x, self.codes, self.code_scale, self.code_zero, self.bits, bias=self.bias)
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def to_dense_module(self, dtype: torch.dtype | None = None) -> nn.Linear:
